@@ -1,0 +1,668 @@
+"""The RPC agent: sends requests, runs incoming ones, and matches replies to their callers.
+
+Every message leaves through :meth:`RpcAgent._transmit` and arrives through
+:meth:`RpcAgent.deliver`. Those two methods are the one place all traffic passes with its
+tensors: distributed autograd records its send/recv functions there and device maps apply
+there. Whoever serves a kind of request (the agent itself for calls and all-gathers, the RRef
+context for its protocol) registers a handler with :meth:`RpcAgent.register_handler`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from .deadlines import Deadlines
+from .dispatcher import Dispatcher
+from .envelope import HEADER_SIZE, Envelope, Flag, Kind, decode, encode
+from .errors import (
+    MessageTooLargeError,
+    PeerLostError,
+    RpcTimeoutError,
+    describe_exception,
+    rebuild_exception,
+)
+from .serialization import Pickled, Serializer
+from .transport import Message, Transport, allocate_buffer
+from .worker_info import WorkerInfo
+
+__all__ = ["Inbound", "Later", "RpcAgent"]
+
+logger = logging.getLogger(__name__)
+
+_REPLY_KINDS = (int(Kind.RESULT), int(Kind.ERROR))
+_INTERNAL = Flag.INTERNAL
+_REQUEST_ID_AT = 8  # byte offset of the request id in the envelope
+
+
+class Route(Protocol):
+    """Where messages for one peer go: a Transport, or the agent's own loopback."""
+
+    @property
+    def devices(self) -> frozenset[str]: ...
+
+    def send(self, peer: int, message: Message, timeout: float | None = None) -> None: ...
+
+
+@dataclasses.dataclass(slots=True)
+class Inbound:
+    """A request being served: who sent it, its envelope, and what it must wait for.
+
+    Deserializing may discover that the request must not run yet (an RRef in its arguments
+    that the owner has not confirmed); such code appends a future to ``waits`` and the agent
+    runs the handler once they all complete.
+    """
+
+    peer: int
+    envelope: Envelope
+    waits: list[torch.futures.Future[Any]] = dataclasses.field(default_factory=list)
+
+
+class Later:
+    """A handler's result that is not ready yet: the reply goes out when ``future`` completes."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: torch._C.Future[Any]) -> None:
+        self.future = future
+
+
+Handler = Callable[[Inbound, Any], Any]
+
+
+class _Call:
+    """An outstanding request: how its reply reaches whoever waits for it."""
+
+    __slots__ = ("future", "internal", "latch", "peer", "reply", "request_id", "timer")
+
+    def __init__(self, request_id: int, peer: int, internal: bool) -> None:
+        self.request_id = request_id
+        self.peer = peer
+        self.internal = internal
+        self.future: torch.futures.Future[Any] | None = None
+        self.latch: threading.Lock | None = None
+        self.reply: Message | BaseException | None = None
+        self.timer: Any = None
+
+
+class _Loopback:
+    """Route for calls to self: full serialization and private copies, as torch does."""
+
+    name = "self"
+    devices = frozenset({"cpu", "cuda"})
+
+    def __init__(self, agent: RpcAgent) -> None:
+        self._agent = agent
+
+    def send(self, peer: int, message: Message, timeout: float | None = None) -> None:
+        copies = []
+        for buffer in message.buffers:
+            if buffer.is_cuda:
+                copies.append(buffer.clone())
+            else:
+                copies.append(allocate_buffer(buffer.numel()).copy_(buffer))
+        self._agent.deliver(peer, Message(message.header, bytes(message.payload), copies))
+
+
+@dataclasses.dataclass
+class _Gathering:
+    names: frozenset[str]
+    objects: dict[str, Any] = dataclasses.field(default_factory=dict)
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+class RpcAgent:
+    """One worker's endpoint in an RPC world."""
+
+    def __init__(
+        self,
+        worker_info: WorkerInfo,
+        worker_infos: Sequence[WorkerInfo],
+        routes: Mapping[int, Route],
+        transports: Sequence[Transport],
+        *,
+        num_worker_threads: int,
+        spin_seconds: float,
+        max_message_size: int | None = None,
+        serializer: Serializer | None = None,
+    ) -> None:
+        self.worker_info = worker_info
+        self._infos = list(worker_infos)
+        self._by_name = {info.name: info for info in self._infos}
+        self._routes: dict[int, Route] = dict(routes)
+        self._routes[worker_info.id] = _Loopback(self)
+        self._transports = list(transports)
+        self._max_message_size = max_message_size
+        self.serializer = serializer or Serializer()
+        self._dispatcher = Dispatcher(num_worker_threads, spin_seconds, f"shmrpc-{worker_info.id}")
+        self._deadlines = Deadlines(f"shmrpc-{worker_info.id}-deadlines")
+
+        self._calls: dict[int, _Call] = {}
+        self._ids = itertools.count(1)
+        self._handlers: dict[int, tuple[Handler, bool]] = {}
+        self._lost: dict[int, BaseException] = {}
+        self._lost_lock = threading.Lock()
+        self._stopped = False
+
+        # Work accounting, for the graceful shutdown's "all outstanding work is done".
+        self._stats_lock = threading.Lock()
+        self._requests_sent = 0  # user (non-internal) requests sent
+        self._requests_served = 0  # user requests received
+        self._outstanding = 0  # user requests sent and not yet answered
+        self._serving = 0  # user requests received and not yet answered
+        self._serving_async = 0  # of those, waiting on an async_execution future
+
+        self._gather_lock = threading.Lock()
+        self._gather_sequence: dict[str, int] = {}
+        self._gatherings: dict[str, _Gathering] = {}
+
+        self.register_handler(Kind.CALL, self._serve_call)
+        self.register_handler(Kind.GATHER, self._serve_gather, internal=True)
+        self.register_handler(Kind.BROADCAST, self._serve_broadcast, internal=True)
+
+    # ------------------------------------------------------------------------ life cycle
+    def start(self) -> None:
+        self._dispatcher.start(self._transports)
+
+    def stop(self) -> None:
+        """Stop at once: fail what is outstanding, stop threads, release transports."""
+        if self._stopped:
+            return
+        self._stopped = True
+        closed = RuntimeError(f"RPC agent of {self.worker_info} was shut down")
+        for request_id in list(self._calls):
+            call = self._take(request_id)
+            if call is not None:
+                self._fail(call, closed)
+        self._dispatcher.stop()
+        self._deadlines.close()
+        for transport in self._transports:
+            try:
+                transport.close()
+            except Exception:
+                logger.exception("shmrpc: closing transport %s failed", transport.name)
+
+    def register_handler(self, kind: int, handler: Handler, *, internal: bool = False) -> None:
+        """Serve requests of ``kind`` with ``handler(inbound, payload) -> reply value``.
+
+        ``internal`` requests are engine housekeeping, not user work: the graceful shutdown
+        does not wait for them.
+        """
+        if kind in self._handlers:
+            raise ValueError(f"a handler for message kind {kind} is already registered")
+        self._handlers[int(kind)] = (handler, internal)
+
+    # --------------------------------------------------------------------------- workers
+    def get_worker_info(self, worker: str | int | None = None) -> WorkerInfo:
+        if worker is None:
+            return self.worker_info
+        if isinstance(worker, str):
+            info = self._by_name.get(worker)
+            if info is None:
+                raise RuntimeError(
+                    f"name:{self.worker_info.name},rank:{self.worker_info.id} could not find "
+                    f"destination name {worker}"
+                )
+            return info
+        if isinstance(worker, int) and not isinstance(worker, bool):
+            if 0 <= worker < len(self._infos):
+                return self._infos[worker]
+            raise RuntimeError(
+                f"name:{self.worker_info.name},rank:{self.worker_info.id} could not find "
+                f"destination id {worker}"
+            )
+        raise ValueError(f"Cannot get WorkerInfo from name {worker}")
+
+    def get_worker_infos(self) -> list[WorkerInfo]:
+        return list(self._infos)
+
+    def is_lost(self, rank: int) -> bool:
+        return rank in self._lost
+
+    def route_names(self) -> dict[str, str]:
+        """Which transport carries the traffic to each peer (``"self"`` for this worker)."""
+        return {
+            self._infos[rank].name: getattr(route, "name", "self")
+            for rank, route in sorted(self._routes.items())
+        }
+
+    # -------------------------------------------------------------------------- requests
+    def call_sync(
+        self, to: WorkerInfo, func: Callable[..., Any], args: tuple, kwargs: dict, timeout: float
+    ) -> Any:
+        return self.request_sync(to, Kind.CALL, (func, args, kwargs), timeout)
+
+    def call_async(
+        self, to: WorkerInfo, func: Callable[..., Any], args: tuple, kwargs: dict, timeout: float
+    ) -> torch.futures.Future[Any]:
+        return self.request_async(to, Kind.CALL, (func, args, kwargs), timeout)
+
+    def request_sync(
+        self, to: WorkerInfo, kind: int, payload: Any, timeout: float, flags: int = 0
+    ) -> Any:
+        """Send a request and block for its reply (``timeout`` 0: no limit)."""
+        call = self._start(to, kind, payload, timeout, flags, sync=True)
+        reply = self._await(call, timeout, to)
+        if isinstance(reply, BaseException):
+            raise reply
+        ok, value = self._decode_reply(reply)
+        if not ok:
+            raise value
+        return value
+
+    def request_async(
+        self, to: WorkerInfo, kind: int, payload: Any, timeout: float, flags: int = 0
+    ) -> torch.futures.Future[Any]:
+        """Send a request; its reply completes the returned future.
+
+        Mistakes of the caller (unpicklable payload, message too large) raise here; failures
+        of the peer or the wire complete the future with an error.
+        """
+        try:
+            call = self._start(to, kind, payload, timeout, flags, sync=False)
+        except (PeerLostError, RpcTimeoutError) as error:
+            failed: torch.futures.Future[Any] = torch.futures.Future()
+            failed.set_exception(error)
+            return failed
+        assert call.future is not None
+        return call.future
+
+    def _start(
+        self, to: WorkerInfo, kind: int, payload: Any, timeout: float, flags: int, *, sync: bool
+    ) -> _Call:
+        if self._stopped:
+            raise RuntimeError(f"RPC agent of {self.worker_info} was shut down")
+        try:
+            pickled = self.serializer.dumps(payload)
+        except Exception as e:
+            e.add_note(f"shmrpc: could not serialize the request to {to.name}")
+            raise
+        internal = bool(flags & _INTERNAL)
+        call = _Call(next(self._ids), to.id, internal)
+        if sync:
+            call.latch = threading.Lock()
+            call.latch.acquire()
+        else:
+            call.future = torch.futures.Future()
+        self._calls[call.request_id] = call
+        if not internal:
+            with self._stats_lock:
+                self._requests_sent += 1
+                self._outstanding += 1
+        if not sync and timeout > 0:
+            expire = functools.partial(self._expire, call.request_id, timeout, to.name)
+            call.timer = self._deadlines.schedule(time.monotonic() + timeout, expire)
+        try:
+            self._transmit(
+                to.id, encode(kind, call.request_id, flags, pickled.table), pickled, timeout
+            )
+        except BaseException:
+            if self._take(call.request_id) is not None and call.timer is not None:
+                call.timer.cancel()
+            if not internal:  # it never left: do not count it as sent
+                with self._stats_lock:
+                    self._requests_sent -= 1
+            raise
+        return call
+
+    def _await(self, call: _Call, timeout: float, to: WorkerInfo) -> Message | BaseException:
+        """Wait for a synchronous call's reply (the dispatcher spins, then blocks)."""
+        latch = call.latch
+        assert latch is not None
+        if not self._dispatcher.wait_reply(lambda: call.reply is not None, latch, timeout):
+            if self._take(call.request_id) is not None:
+                raise RpcTimeoutError.after(timeout, f"call to {to.name}")
+            latch.acquire()  # the reply raced the timeout; it is being handed over
+        reply = call.reply
+        assert reply is not None
+        return reply
+
+    def _expire(self, request_id: int, timeout: float, name: str) -> None:
+        call = self._take(request_id)
+        if call is not None:
+            self._fail(call, RpcTimeoutError.after(timeout, f"call to {name}"))
+
+    def _take(self, request_id: int) -> _Call | None:
+        call = self._calls.pop(request_id, None)
+        if call is not None and not call.internal:
+            with self._stats_lock:
+                self._outstanding -= 1
+        return call
+
+    def _fail(self, call: _Call, error: BaseException) -> None:
+        if call.latch is not None:
+            call.reply = error
+            call.latch.release()
+        else:
+            if call.timer is not None:
+                call.timer.cancel()
+            assert call.future is not None
+            self._dispatcher.submit(call.future.set_exception, error)
+
+    # -------------------------------------------------------------------------- the wire
+    def _transmit(self, rank: int, header: bytes, pickled: Pickled, timeout: float) -> None:
+        """Every outgoing message passes here."""
+        message = Message(header, pickled.data, pickled.buffers)
+        limit = self._max_message_size
+        if limit is not None and message.nbytes > limit:
+            raise MessageTooLargeError(
+                f"message of {message.nbytes} bytes to {self._infos[rank].name} exceeds "
+                f"max_message_size={limit}"
+            )
+        lost = self._lost.get(rank)
+        if lost is not None:
+            raise PeerLostError(f"{self._infos[rank]} is gone: {lost}")
+        route = self._routes[rank]
+        for buffer in message.buffers:
+            if buffer.is_cuda and "cuda" not in route.devices:
+                raise RuntimeError(
+                    "shmrpc only supports CPU tensors by default, please move your tensors to "
+                    "CPU before sending them over RPC, or configure device maps. Request device "
+                    f"mapping is not available for destination {self._infos[rank].name}"
+                )
+        route.send(rank, message, timeout if timeout > 0 else None)
+
+    def deliver(self, peer: int, message: Message) -> None:
+        """Every incoming message passes here (TransportHost.deliver)."""
+        header = message.header
+        if header[0] in _REPLY_KINDS:
+            request_id = int.from_bytes(header[_REQUEST_ID_AT : HEADER_SIZE - 16], "little")
+            call = self._take(request_id)
+            if call is None or call.peer != peer:
+                return  # the call timed out or its peer was declared lost: drop the reply
+            if call.latch is not None:
+                call.reply = message
+                call.latch.release()
+            else:
+                if call.timer is not None:
+                    call.timer.cancel()
+                self._dispatcher.submit(self._complete, call, message)
+            return
+        self._dispatcher.submit(self._serve, peer, message)
+
+    def peer_lost(self, peer: int, error: BaseException) -> None:
+        """TransportHost.peer_lost: fail everything waiting on ``peer``; refuse new calls."""
+        with self._lost_lock:
+            if peer in self._lost or self._stopped:
+                return
+            self._lost[peer] = error
+        who = self._infos[peer]
+        logger.warning("shmrpc: %s lost %s: %s", self.worker_info, who, error)
+        for request_id, call in list(self._calls.items()):
+            if call.peer == peer and self._take(request_id) is not None:
+                self._fail(call, PeerLostError(f"{who} is gone ({error}); the call failed"))
+        with self._gather_lock:
+            gatherings = [g for g in self._gatherings.values() if who.name in g.names]
+        for gathering in gatherings:
+            gathering.done.set()  # wakes the waiter, which notices the loss
+
+    # --------------------------------------------------------------------------- replies
+    def _decode_reply(self, message: Message) -> tuple[bool, Any]:
+        try:
+            envelope, table = decode(message.header)
+            value = self.serializer.loads(message.payload, table, message.buffers)
+        except Exception as e:
+            e.add_note("shmrpc: could not deserialize a reply")
+            return False, e
+        if envelope.kind == Kind.ERROR:
+            return False, rebuild_exception(value)
+        return True, value
+
+    def _complete(self, call: _Call, message: Message) -> None:
+        ok, value = self._decode_reply(message)
+        assert call.future is not None
+        if ok:
+            call.future.set_result(value)
+        else:
+            call.future.set_exception(value)
+
+    # ------------------------------------------------------------------------- requests in
+    def _serve(self, peer: int, message: Message) -> None:
+        envelope, table = decode(message.header)
+        entry = self._handlers.get(envelope.kind)
+        internal = entry is None or entry[1]
+        if not internal:
+            with self._stats_lock:
+                self._requests_served += 1
+                self._serving += 1
+        inbound = Inbound(peer, envelope)
+        try:
+            if entry is None:
+                raise RuntimeError(f"{self.worker_info} cannot serve message kind {envelope.kind}")
+            payload = self.serializer.loads(message.payload, table, message.buffers, inbound)
+        except BaseException as exc:
+            self._finish(inbound, internal, error=exc)
+            return
+        if inbound.waits:
+            gate = torch.futures.collect_all(inbound.waits)
+            inbound.waits = []
+            gate.then(
+                lambda _: self._dispatcher.submit(self._run, entry[0], inbound, payload, internal)
+            )
+            return
+        self._run(entry[0], inbound, payload, internal)
+
+    def _run(self, handler: Handler, inbound: Inbound, payload: Any, internal: bool) -> None:
+        try:
+            result = handler(inbound, payload)
+        except BaseException as exc:
+            self._finish(inbound, internal, error=exc)
+            return
+        if isinstance(result, Later):
+            if not internal:
+                with self._stats_lock:
+                    self._serving_async += 1
+            result.future.add_done_callback(
+                functools.partial(self._finish_later, inbound, internal)
+            )
+            return
+        self._finish(inbound, internal, value=result)
+
+    def _finish_later(
+        self, inbound: Inbound, internal: bool, future: torch.futures.Future[Any]
+    ) -> None:
+        if not internal:
+            with self._stats_lock:
+                self._serving_async -= 1
+        try:
+            value = future.value()
+        except BaseException as exc:
+            self._finish(inbound, internal, error=exc)
+        else:
+            self._finish(inbound, internal, value=value)
+
+    def _finish(
+        self,
+        inbound: Inbound,
+        internal: bool,
+        *,
+        value: Any = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """Reply to ``inbound`` with ``value`` or ``error``."""
+        try:
+            if error is None:
+                try:
+                    pickled = self.serializer.dumps(value)
+                    kind = Kind.RESULT
+                except Exception as exc:
+                    exc.add_note("shmrpc: could not serialize the return value")
+                    error = exc
+            if error is not None:
+                if isinstance(error, Exception):
+                    remote = describe_exception(error, self.worker_info)
+                    print(remote[2], file=sys.stderr)  # torch prints remote errors on the callee
+                else:  # SystemExit, KeyboardInterrupt in a UDF: report, keep the worker alive
+                    remote = ("builtins", "RuntimeError", f"{type(error).__name__}: {error}")
+                pickled = self.serializer.dumps(remote)
+                kind = Kind.ERROR
+            flags = inbound.envelope.flags & _INTERNAL
+            reply = encode(kind, inbound.envelope.request_id, flags, pickled.table)
+            try:
+                self._transmit(inbound.peer, reply, pickled, 0)
+            except PeerLostError:
+                logger.debug("shmrpc: caller %s is gone; reply dropped", inbound.peer)
+        finally:
+            if not internal:
+                with self._stats_lock:
+                    self._serving -= 1
+
+    def _serve_call(self, inbound: Inbound, payload: tuple[Any, Any, Any]) -> Any:
+        func, args, kwargs = payload
+        wrapped = getattr(func, "_wrapped_async_rpc_function", None)
+        if wrapped is None:
+            return func(*args, **kwargs)
+        future = wrapped(*args, **kwargs)
+        if not isinstance(future, torch._C.Future):
+            raise RuntimeError(
+                "Functions decorated with @rpc.async_function must return a "
+                "torch.futures.Future object, but got "
+                f"{type(future).__module__}.{type(future).__qualname__}"
+            )
+        return Later(future)
+
+    # ------------------------------------------------------------------------- all-gather
+    def all_gather(
+        self,
+        obj: Any,
+        worker_names: Iterable[str] | None = None,
+        rpc_timeout: float = 0,
+        signal_timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Every worker's ``obj`` by name, through the worker with the smallest name."""
+        names = frozenset(worker_names) if worker_names else frozenset(self._by_name)
+        leader = min(names)
+        me = self.worker_info.name
+        with self._gather_lock:
+            key = "".join(sorted(names))
+            sequence = self._gather_sequence.get(key, 0)
+            self._gather_sequence[key] = sequence + 1
+            sequence_id = f"{key}{sequence}"
+            gathering = self._gatherings.setdefault(sequence_id, _Gathering(names))
+        try:
+            if me == leader:
+                self._arrive(sequence_id, me, obj, names)
+            else:
+                payload = (sequence_id, me, obj, sorted(names))
+                self.request_sync(
+                    self._by_name[leader], Kind.GATHER, payload, rpc_timeout, Flag.INTERNAL
+                )
+            self._await_gathering(gathering, signal_timeout, leader if me != leader else None)
+            if me == leader:
+                futures = {
+                    name: self.request_async(
+                        self._by_name[name],
+                        Kind.BROADCAST,
+                        (sequence_id, gathering.objects),
+                        rpc_timeout,
+                        Flag.INTERNAL,
+                    )
+                    for name in names - {leader}
+                }
+                errors = []
+                for name, future in futures.items():
+                    try:
+                        future.wait()
+                    except RuntimeError as e:
+                        errors.append((name, e))
+                if errors:
+                    raise RuntimeError(
+                        f"Followers {[n for n, _ in errors]} timed out in _all_gather after "
+                        f"{rpc_timeout:.2f} seconds. The first exception is {errors[0][1]}"
+                    )
+            return gathering.objects
+        finally:
+            with self._gather_lock:
+                self._gatherings.pop(sequence_id, None)
+
+    def _await_gathering(
+        self, gathering: _Gathering, timeout: float | None, leader: str | None
+    ) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not gathering.done.wait(
+            0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic()))
+        ):
+            if deadline is not None and time.monotonic() >= deadline:
+                missing = sorted(gathering.names - set(gathering.objects))
+                raise RuntimeError(
+                    f"_all_gather timed out after {timeout:.2f} seconds waiting for {missing}"
+                )
+        lost = sorted(
+            i.name for i in self._infos if i.id in self._lost and i.name in gathering.names
+        )
+        if lost and not (leader is None and gathering.names <= set(gathering.objects)):
+            raise PeerLostError(f"_all_gather cannot complete: {lost} are gone")
+
+    def _arrive(self, sequence_id: str, name: str, obj: Any, names: frozenset[str]) -> None:
+        with self._gather_lock:
+            gathering = self._gatherings.setdefault(sequence_id, _Gathering(names))
+            if name in gathering.objects:
+                raise AssertionError(f"{name} reported intent sequence id {sequence_id} twice.")
+            gathering.objects[name] = obj
+            if gathering.names <= set(gathering.objects):
+                gathering.done.set()
+
+    def _serve_gather(self, inbound: Inbound, payload: tuple[str, str, Any, list[str]]) -> None:
+        sequence_id, name, obj, names = payload
+        self._arrive(sequence_id, name, obj, frozenset(names))
+
+    def _serve_broadcast(self, inbound: Inbound, payload: tuple[str, dict[str, Any]]) -> None:
+        sequence_id, objects = payload
+        with self._gather_lock:
+            gathering = self._gatherings.setdefault(sequence_id, _Gathering(frozenset(objects)))
+            gathering.objects = objects
+            gathering.done.set()
+
+    # ------------------------------------------------------------------------ shutdown
+    def work_counts(self) -> tuple[int, int, int]:
+        """(user requests sent, user requests served, user work in progress here)."""
+        with self._stats_lock:
+            return self._requests_sent, self._requests_served, self._outstanding + self._serving
+
+    def join(self, timeout: float | None) -> None:
+        """Block until no worker has user work outstanding (the graceful-shutdown barrier).
+
+        Counts, not time: workers exchange (sent, served, in progress) in rounds of
+        all-gather until two consecutive rounds agree, nothing is in progress, and every
+        request sent has been served, so no message can still be in flight.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        previous: tuple[int, int] | None = None
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise RuntimeError(f"shutdown timed out after {timeout:.2f} s waiting for work")
+            reports = self.all_gather(
+                self.work_counts(), rpc_timeout=remaining or 0, signal_timeout=remaining
+            )
+            sent = sum(r[0] for r in reports.values())
+            served = sum(r[1] for r in reports.values())
+            busy = sum(r[2] for r in reports.values())
+            if busy == 0 and sent == served:
+                if previous == (sent, served):
+                    return
+                previous = (sent, served)
+            else:
+                previous = None
+                time.sleep(0.005)
+
+    # ------------------------------------------------------------------------------ debug
+    def get_debug_info(self) -> dict[str, str]:
+        with self._stats_lock:
+            serving, serving_async = self._serving, self._serving_async
+        return {
+            "agent.thread_pool_size": str(self._dispatcher.thread_count),
+            "agent.num_idle_threads": str(self._dispatcher.idle_threads()),
+            "agent.client_active_calls": str(len(self._calls)),
+            "agent.server_active_calls": str(serving),
+            "agent.server_active_async_calls": str(serving_async),
+        }

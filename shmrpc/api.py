@@ -1,0 +1,249 @@
+"""The public RPC functions, with torch.distributed.rpc's names, signatures and errors."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, ParamSpec, TypeVar
+
+import torch
+
+from .agent import RpcAgent
+from .bootstrap import start_agent
+from .constants import (
+    BACKEND_ENV_VAR,
+    DEFAULT_BACKEND,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    UNSET_RPC_TIMEOUT,
+)
+from .errors import NOT_INITIALIZED
+from .options import BackendType, RpcBackendOptions
+from .worker_info import WorkerInfo, check_worker_name
+
+__all__ = [
+    "get_rpc_timeout",
+    "get_worker_info",
+    "init_rpc",
+    "rpc_async",
+    "rpc_sync",
+    "shutdown",
+]
+
+logger = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+_agent: RpcAgent | None = None
+_agent_lock = threading.RLock()
+_default_timeout: float = 60.0
+_thread_local = threading.local()
+
+
+def _current_agent() -> RpcAgent:
+    agent = _agent
+    if agent is None:
+        raise RuntimeError(NOT_INITIALIZED)
+    return agent
+
+
+def _require_initialized(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    @functools.wraps(func)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        _current_agent()
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def _backend_name(backend: BackendType | str | None) -> str:
+    if backend is None:
+        return os.environ.get(BACKEND_ENV_VAR, DEFAULT_BACKEND)
+    if isinstance(backend, BackendType):
+        return backend.value
+    if isinstance(backend, str):
+        return backend.lower()
+    raise TypeError("Argument backend must be a member of BackendType")
+
+
+def init_rpc(
+    name: str,
+    backend: BackendType | str | None = None,
+    rank: int = -1,
+    world_size: int | None = None,
+    rpc_backend_options: RpcBackendOptions | None = None,
+) -> None:
+    """Start this process's RPC agent and wait until every worker of the world has started.
+
+    ``backend`` is ``"shm"``, ``"tcp"``, ``"auto"`` (shm on this host, tcp elsewhere), a
+    :class:`BackendType`, or the name of a backend registered under the ``shmrpc.backends``
+    entry point group; ``None`` reads ``$SHMRPC_BACKEND`` and falls back to ``auto``.
+    """
+    global _agent, _default_timeout
+    check_worker_name(name)
+    backend_name = _backend_name(backend)
+    if rpc_backend_options is None:
+        rpc_backend_options = RpcBackendOptions()
+    elif not isinstance(rpc_backend_options, RpcBackendOptions):
+        raise TypeError("Argument rpc_backend_options must be an instance of RpcBackendOptions")
+    if world_size is None:
+        raise NotImplementedError(
+            "shmrpc needs a static world: pass world_size (dynamic groups are not supported yet)"
+        )
+    with _agent_lock:
+        if _agent is not None:
+            raise RuntimeError("RPC is already initialized")
+        agent = start_agent(name, rank, world_size, backend_name, rpc_backend_options)
+        _default_timeout = rpc_backend_options.rpc_timeout
+        _agent = agent
+
+
+def _resolve_timeout(timeout: float) -> float:
+    if timeout == UNSET_RPC_TIMEOUT:
+        return _default_timeout
+    if timeout < 0:
+        raise ValueError(f"timeout must be >= 0 or -1 (the default), got {timeout}")
+    return float(timeout)
+
+
+def _to_worker_info(to: WorkerInfo | str | int) -> WorkerInfo:
+    if isinstance(to, WorkerInfo):
+        return to
+    if isinstance(to, (str, int)) and not isinstance(to, bool):
+        return _current_agent().get_worker_info(to)
+    raise ValueError(f"Cannot get WorkerInfo from name {to}")
+
+
+@_require_initialized
+def get_worker_info(worker_name: str | int | None = None) -> WorkerInfo:
+    """This worker's WorkerInfo, or a peer's by name or rank."""
+    return _current_agent().get_worker_info(worker_name)
+
+
+def get_rpc_timeout() -> float:
+    """The default timeout of calls that pass none, in seconds."""
+    return _default_timeout
+
+
+def _set_rpc_timeout(rpc_timeout: float) -> None:
+    """Change the default timeout of calls started from now on."""
+    global _default_timeout
+    _default_timeout = float(rpc_timeout)
+
+
+def _check_call(func: Any) -> None:
+    if not callable(func):
+        raise TypeError("function should be callable.")
+
+
+@_require_initialized
+def rpc_sync(
+    to: WorkerInfo | str | int,
+    func: Callable[..., Any],
+    args: tuple[Any, ...] | list[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    timeout: float = UNSET_RPC_TIMEOUT,
+) -> Any:
+    """Run ``func(*args, **kwargs)`` on worker ``to`` and return its result."""
+    _check_call(func)
+    dst = _to_worker_info(to)
+    return _current_agent().call_sync(
+        dst, func, tuple(args or ()), dict(kwargs or {}), _resolve_timeout(timeout)
+    )
+
+
+@_require_initialized
+def rpc_async(
+    to: WorkerInfo | str | int,
+    func: Callable[..., Any],
+    args: tuple[Any, ...] | list[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    timeout: float = UNSET_RPC_TIMEOUT,
+) -> torch.futures.Future[Any]:
+    """Start ``func(*args, **kwargs)`` on worker ``to``; the future completes with its result."""
+    _check_call(func)
+    dst = _to_worker_info(to)
+    future = _current_agent().call_async(
+        dst, func, tuple(args or ()), dict(kwargs or {}), _resolve_timeout(timeout)
+    )
+    pending = getattr(_thread_local, "future_list", None)
+    if pending is not None:
+        pending.append(future)
+    return future
+
+
+@contextlib.contextmanager
+def _wait_all() -> Iterator[None]:
+    """Collect the futures of rpc_async calls made in the block and wait for them on exit."""
+    _thread_local.future_list = []
+    try:
+        yield
+    finally:
+        try:
+            torch.futures.wait_all(_thread_local.future_list)
+        finally:
+            del _thread_local.future_list
+
+
+@_require_initialized
+def _all_gather(
+    obj: Any, worker_names: list[str] | set[str] | None = None, timeout: float = UNSET_RPC_TIMEOUT
+) -> dict[str, Any]:
+    """Every worker's ``obj`` by name (torch's private helper, with its timeout rules)."""
+    if timeout == UNSET_RPC_TIMEOUT:
+        rpc_timeout, signal_timeout = get_rpc_timeout(), None
+    elif timeout == DEFAULT_SHUTDOWN_TIMEOUT:
+        rpc_timeout, signal_timeout = 0.0, None
+    else:
+        rpc_timeout = signal_timeout = timeout
+    return _current_agent().all_gather(obj, worker_names, rpc_timeout, signal_timeout)
+
+
+@_require_initialized
+def _barrier(worker_names: list[str] | set[str]) -> None:
+    try:
+        _all_gather(None, set(worker_names))
+    except RuntimeError:
+        logger.exception("Failed to complete barrier")
+
+
+@_require_initialized
+def _wait_all_workers(timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> None:
+    _all_gather(None, timeout=timeout)
+
+
+@_require_initialized
+def shutdown(graceful: bool = True, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> None:
+    """Stop this worker's agent.
+
+    Graceful: first wait until every worker has called shutdown and no worker has work
+    outstanding (this worker keeps serving meanwhile), then stop. ``timeout`` bounds that wait
+    in seconds; 0 waits as long as it takes, but a peer that dies fails it promptly. The local
+    agent is stopped and its resources released in every case.
+    """
+    global _agent
+    agent = _current_agent()
+    try:
+        if graceful:
+            budget = timeout if timeout > 0 else None
+            deadline = None if budget is None else time.monotonic() + budget
+            _wait_all_workers(timeout)
+            agent.join(None if deadline is None else max(0.001, deadline - time.monotonic()))
+    finally:
+        with _agent_lock:
+            if _agent is agent:
+                _agent = None
+        agent.stop()
+
+
+def _get_current_rpc_agent() -> RpcAgent:
+    return _current_agent()
+
+
+def _get_debug_info() -> dict[str, str]:
+    return dict(_current_agent().get_debug_info())

@@ -1,0 +1,151 @@
+"""Bringing one worker into its world: rendezvous, transports, routes, agent.
+
+For each peer the first transport of the backend's preference list that reaches it carries
+its traffic (``auto``: shm on the same host, tcp elsewhere); both ends decide alike from the
+addresses they exchanged. Anything that fails on the way releases what was already set up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from .agent import RpcAgent
+from .options import RpcBackendOptions
+from .rendezvous import Rendezvous
+from .transport import Message, Transport, TransportConfig, resolve_backend
+from .worker_info import WorkerInfo
+
+__all__ = ["start_agent"]
+
+logger = logging.getLogger(__name__)
+
+#: Rendezvous and connect deadline when rpc_timeout is 0 ("no timeout"): still finite.
+_NO_TIMEOUT_INIT = 1800.0
+
+
+class _ForwardingHost:
+    """The transports' host until the agent exists; remembers peers lost meanwhile."""
+
+    def __init__(self) -> None:
+        self.target: RpcAgent | None = None
+        self._lost: list[tuple[int, BaseException]] = []
+
+    def deliver(self, peer: int, message: Message) -> None:
+        if self.target is not None:
+            self.target.deliver(peer, message)
+
+    def peer_lost(self, peer: int, error: BaseException) -> None:
+        if self.target is None:
+            self._lost.append((peer, error))
+        else:
+            self.target.peer_lost(peer, error)
+
+    def attach(self, agent: RpcAgent) -> None:
+        self.target = agent
+        for peer, error in self._lost:
+            agent.peer_lost(peer, error)
+
+
+def start_agent(
+    name: str, rank: int, world_size: int | None, backend: str, options: RpcBackendOptions
+) -> RpcAgent:
+    timeout = options.rpc_timeout or _NO_TIMEOUT_INIT
+    classes = resolve_backend(backend)
+    rendezvous = Rendezvous(
+        options.init_method, rank, -1 if world_size is None else world_size, timeout
+    )
+    rank, world_size = rendezvous.rank, rendezvous.world_size
+    token, auth_key = rendezvous.world_secrets(options.auth_key)
+    config = TransportConfig(
+        rank=rank,
+        world_size=world_size,
+        world_token=token,
+        auth_key=auth_key,
+        connect_timeout=timeout,
+        options=options.transport_config_options(),
+    )
+    host = _ForwardingHost()
+    transports: list[Transport] = []
+    agent: RpcAgent | None = None
+    try:
+        for cls in classes:
+            transports.append(cls(config, host))
+        addresses = {t.name: t.listen() for t in transports}
+        records = rendezvous.exchange({"name": name, "pid": os.getpid(), "transports": addresses})
+        infos = _worker_infos(records)
+        routes = _choose_routes(rank, backend, transports, addresses, records)
+        used = [t for t in transports if t in routes.values()]
+        for t in transports:
+            if t not in used:
+                t.close()
+        agent = RpcAgent(
+            infos[rank],
+            infos,
+            routes,
+            used,
+            num_worker_threads=options.num_worker_threads,
+            spin_seconds=options.spin_us * 1e-6,
+            max_message_size=options.max_message_size,
+        )
+        host.attach(agent)
+        for t in used:
+            t.connect(
+                {
+                    peer: records[peer]["transports"][t.name]
+                    for peer, route in routes.items()
+                    if route is t
+                }
+            )
+        agent.start()
+        rendezvous.barrier("ready")
+    except BaseException:
+        if agent is not None:
+            agent.stop()
+        for t in transports:
+            try:
+                t.close()
+            except Exception:
+                logger.exception("shmrpc: cleanup of transport %s failed", t.name)
+        raise
+    agent.rendezvous = rendezvous  # type: ignore[attr-defined]  # keeps rank 0's store alive
+    return agent
+
+
+def _worker_infos(records: list[dict[str, Any]]) -> list[WorkerInfo]:
+    seen: dict[str, int] = {}
+    for rank, record in enumerate(records):
+        worker = record["name"]
+        if worker in seen:
+            raise RuntimeError(
+                f"RPC worker name {worker} is not unique. Workers {seen[worker]} and {rank} "
+                "share the same name."
+            )
+        seen[worker] = rank
+    return [WorkerInfo(record["name"], rank) for rank, record in enumerate(records)]
+
+
+def _choose_routes(
+    rank: int,
+    backend: str,
+    transports: list[Transport],
+    addresses: dict[str, dict[str, Any]],
+    records: list[dict[str, Any]],
+) -> dict[int, Transport]:
+    routes: dict[int, Transport] = {}
+    for peer, record in enumerate(records):
+        if peer == rank:
+            continue
+        theirs = record["transports"]
+        for t in transports:
+            if t.name in theirs and type(t).reaches(addresses[t.name], theirs[t.name]):
+                routes[peer] = t
+                break
+        else:
+            raise RuntimeError(
+                f"backend {backend!r} cannot reach worker {record['name']} (rank {peer}): none "
+                f"of its transports {[t.name for t in transports]} connects these two workers; "
+                "workers on different hosts need 'tcp' or 'auto'"
+            )
+    return routes

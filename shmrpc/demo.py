@@ -1,0 +1,101 @@
+"""``python -m shmrpc.demo``: a small world, a few calls, and shm vs tcp latency side by side.
+
+Spawns two workers. Worker 0 makes calls on the default backend (``$SHMRPC_BACKEND`` or
+``auto``), then measures the median ``rpc_sync`` round trip of a no-op function for several
+tensor sizes on shm and on tcp, and prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+import shmrpc as rpc
+
+SIZES = [0, 1 << 10, 1 << 20, 16 << 20]
+
+
+def noop(*args: object) -> None:
+    return None
+
+
+def square(x: torch.Tensor) -> torch.Tensor:
+    return x * x
+
+
+def whoami() -> str:
+    return f"{rpc.get_worker_info().name} (pid {os.getpid()})"
+
+
+def _options(store_dir: str, tag: str) -> rpc.RpcBackendOptions:
+    return rpc.RpcBackendOptions(init_method=f"file://{store_dir}/{tag}", rpc_timeout=60)
+
+
+def _show_calls(backend: str) -> None:
+    print(f"default backend: {backend}")
+    print(f"  worker1 says it is {rpc.rpc_sync('worker1', whoami)}")
+    total = rpc.rpc_sync("worker1", torch.add, (torch.ones(3), 2))
+    print(f"  rpc_sync(worker1, torch.add, (ones(3), 2)) = {total.tolist()}")
+    futures = [rpc.rpc_async("worker1", square, (torch.tensor(float(i)),)) for i in range(5)]
+    print(f"  5 x rpc_async(worker1, square) = {[f.wait().item() for f in futures]}")
+
+
+def _median_round_trip(size: int, repeats: int) -> float:
+    t = torch.ones(size // 4)
+    for _ in range(min(repeats, 20)):
+        rpc.rpc_sync("worker1", noop, (t,))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        rpc.rpc_sync("worker1", noop, (t,))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _worker(rank: int, store_dir: str, default_backend: str, quick: bool, results: dict) -> None:
+    plan = [("calls", default_backend), ("shm", "shm"), ("tcp", "tcp")]
+    for tag, backend in plan:
+        rpc.init_rpc(f"worker{rank}", backend=backend, rank=rank, world_size=2,
+                     rpc_backend_options=_options(store_dir, tag))  # fmt: skip
+        if rank == 0:
+            if tag == "calls":
+                _show_calls(backend)
+            else:
+                for size in SIZES:
+                    repeats = (200 if size <= 1 << 10 else 30) if quick else (3000 if size <= 1 << 10 else 100)
+                    results[(backend, size)] = _median_round_trip(size, repeats)
+        rpc.shutdown()
+
+
+def _fmt_size(size: int) -> str:
+    return f"{size >> 20} MiB" if size >= 1 << 20 else (f"{size >> 10} KiB" if size else "0 B")
+
+
+def _fmt_time(seconds: float) -> str:
+    return f"{seconds * 1e6:8.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:8.2f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = parser.parse_args()
+    default_backend = os.environ.get("SHMRPC_BACKEND", "auto")
+    with tempfile.TemporaryDirectory() as store_dir, mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_worker, args=(store_dir, default_backend, args.quick, results), nprocs=2)
+        print("\nrpc_sync round trip of a no-op taking one tensor (median)")
+        print(f"{'tensor':>8} | {'shm':>11} | {'tcp':>11}")
+        print(f"{'-' * 8}-+-{'-' * 11}-+-{'-' * 11}")
+        for size in SIZES:
+            shm, tcp = results[("shm", size)], results[("tcp", size)]
+            print(f"{_fmt_size(size):>8} | {_fmt_time(shm)} | {_fmt_time(tcp)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""Pickling for the wire: pickle protocol 5 with tensors (and other large buffers) out of band.
+
+The pickle stream holds a small reference per tensor. The bytes travel separately as
+``buffers`` (1-D ``uint8`` tensors) that the transport moves however suits it: copied through
+a ring, sent with scatter/gather I/O, or, for CUDA, passed as an IPC handle.
+
+Each storage a message references travels once, as the byte range its tensors use, so views,
+strides, offsets, non-contiguous layouts and storage sharing between tensors of one message
+all survive, and a small view of a huge tensor does not drag the whole storage along.
+Protocol-5 out-of-band buffers (numpy arrays, for instance) ride along the same way.
+
+Extra types (RRefs) plug in with :meth:`Serializer.register`: their reducer runs on the sender,
+their rebuilder on the receiver with a per-message context object.
+
+Speed matters here (a small call must cost a few microseconds), so reducers sit in the C
+pickler's ``dispatch_table`` and per-message state lives in a thread-local that nested
+(re-entrant) pickling saves and restores, as torch's own RPC pickler does.
+"""
+
+from __future__ import annotations
+
+import array
+import copyreg
+import dataclasses
+import io
+import pickle
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["Pickled", "Serializer"]
+
+#: Storage ranges start at multiples of this, so a range can be viewed as any dtype.
+_ALIGN = 64
+#: Protocol-5 buffers smaller than this stay in the pickle stream (cheaper than a buffer).
+_MIN_OUT_OF_BAND = 4096
+
+# dtypes travel as small integer codes: positions in this list, which only ever grows at the
+# end, so workers on different torch versions agree. dtypes missing here travel inline.
+_DTYPE_NAMES = (
+    "float32",
+    "float64",
+    "float16",
+    "bfloat16",
+    "complex64",
+    "complex128",
+    "complex32",
+    "uint8",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "bool",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+)
+_DTYPES: list[torch.dtype | None] = [getattr(torch, name, None) for name in _DTYPE_NAMES]
+_DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES) if d is not None}
+
+Reducer = Callable[[Any], tuple[Any, ...]]
+Rebuilder = Callable[..., Any]
+
+
+@dataclasses.dataclass(slots=True)
+class Pickled:
+    """A serialized object: pickle stream, tensor table, and the buffers to send."""
+
+    data: bytes
+    #: Tensor metadata; empty when no buffers travel.
+    table: bytes = b""
+    #: Storage ranges of tensors first, then protocol-5 buffers.
+    buffers: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    #: The tensors the message references, in pickling order (for autograd and device checks).
+    tensors: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+
+class _Sending:
+    """What one dumps() collects while the pickler runs."""
+
+    __slots__ = ("buffers", "reducers", "tensors")
+
+    def __init__(self, reducers: dict[type, tuple[str, Reducer]]) -> None:
+        self.reducers = reducers
+        self.tensors: list[torch.Tensor] = []
+        self.buffers: list[torch.Tensor] = []
+
+
+class _Receiving:
+    """What one loads() needs while the unpickler runs."""
+
+    __slots__ = ("_entries", "blobs", "context", "rebuilders", "table")
+
+    def __init__(
+        self,
+        table: list[int],
+        blobs: Sequence[torch.Tensor],
+        rebuilders: dict[str, Rebuilder],
+        context: Any,
+    ) -> None:
+        self.table = table
+        self.blobs = blobs
+        self.rebuilders = rebuilders
+        self.context = context
+        self._entries: list[int] | None = None
+
+    @property
+    def entries(self) -> list[int]:
+        """Tensor index -> position of its entry in the table (parsed on first use)."""
+        if self._entries is None:
+            self._entries, position, table = [], 1, self.table
+            while position < len(table):
+                self._entries.append(position)
+                position += 6 + 2 * table[position + 5]
+        return self._entries
+
+
+_state = threading.local()
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes})
+
+
+class Serializer:
+    """Turns objects into :class:`Pickled` and back."""
+
+    def __init__(self) -> None:
+        self._reducers: dict[type, tuple[str, Reducer]] = {}
+        self._rebuilders: dict[str, Rebuilder] = {"sparse_coo": _rebuild_sparse_coo}
+        self._dispatch: dict[type, Callable[[Any], Any]] = {}
+        self._copyreg_size = -1
+        self._local = threading.local()
+
+    def register(self, cls: type, name: str, reduce: Reducer, rebuild: Rebuilder) -> None:
+        """Pickle instances of exactly ``cls`` as ``rebuild(context, *reduce(obj))``."""
+        if name in self._rebuilders:
+            raise ValueError(f"a rebuilder named {name!r} is already registered")
+        self._reducers[cls] = (name, reduce)
+        self._rebuilders[name] = rebuild
+        self._copyreg_size = -1  # rebuild the dispatch table
+
+    def _dispatch_table(self) -> dict[type, Callable[[Any], Any]]:
+        if self._copyreg_size != len(copyreg.dispatch_table):
+            table: dict[type, Callable[[Any], Any]] = dict(copyreg.dispatch_table)
+            table[torch.Tensor] = _reduce_tensor
+            table[torch._C.Future] = table[torch.futures.Future] = _refuse_future
+            table.update({cls: _reduce_registered for cls in self._reducers})
+            self._dispatch = table
+            self._copyreg_size = len(copyreg.dispatch_table)
+        return self._dispatch
+
+    # ---------------------------------------------------------------------------- sending
+    def dumps(self, obj: Any) -> Pickled:
+        if type(obj) in _PLAIN:  # no tensor can hide in these
+            return Pickled(pickle.dumps(obj, protocol=5))
+        local = self._local
+        pickler: pickle.Pickler | None = getattr(local, "pickler", None)
+        table = self._dispatch_table()
+        if pickler is None or local.busy or pickler.dispatch_table is not table:
+            # Building a Pickler costs about as much as pickling a small call: keep one per
+            # thread. A nested dumps() (from a __getstate__) gets a fresh one.
+            file = io.BytesIO()
+            pickler = pickle.Pickler(file, protocol=5, buffer_callback=_out_of_band)
+            pickler.dispatch_table = table
+            if not getattr(local, "busy", False):
+                local.pickler, local.file, local.busy = pickler, file, False
+        else:
+            file = local.file
+            file.seek(0)
+            file.truncate()
+            pickler.clear_memo()
+        sending = _Sending(self._reducers)
+        outer = getattr(_state, "sending", None)
+        _state.sending = sending
+        reused = pickler is getattr(local, "pickler", None)
+        if reused:
+            local.busy = True
+        try:
+            pickler.dump(obj)
+            data = file.getvalue()
+        finally:
+            _state.sending = outer
+            if reused:
+                local.busy = False
+        if not sending.tensors and not sending.buffers:
+            return Pickled(data)
+        tensor_table, blobs = _tensor_table(sending.tensors)
+        return Pickled(data, tensor_table, blobs + sending.buffers, sending.tensors)
+
+    # -------------------------------------------------------------------------- receiving
+    def loads(
+        self,
+        data: bytes | bytearray | memoryview,
+        table: bytes | bytearray | memoryview = b"",
+        buffers: Sequence[torch.Tensor] = (),
+        context: Any = None,
+    ) -> Any:
+        if table:
+            entries = memoryview(table).cast("q").tolist()
+            n_storage = entries[0]
+            blobs, pickle_buffers = buffers[:n_storage], [b.numpy() for b in buffers[n_storage:]]
+        else:
+            entries, blobs, pickle_buffers = [0], (), []
+        outer = getattr(_state, "receiving", None)
+        _state.receiving = _Receiving(entries, blobs, self._rebuilders, context)
+        try:
+            return pickle.loads(data, buffers=pickle_buffers)
+        except AttributeError as e:
+            raise AttributeError(
+                f"{e} Default RPC pickler does not serialize function code. Ensure that UDFs "
+                "are defined on both caller and callee modules."
+            ) from e
+        finally:
+            _state.receiving = outer
+
+
+# ------------------------------------------------------------------------------ reducers
+
+
+def _refuse_future(obj: Any) -> Any:
+    raise RuntimeError("Can not pickle torch.futures.Future")
+
+
+def _reduce_registered(obj: Any) -> Any:
+    name, reduce = _state.sending.reducers[type(obj)]
+    return (_rebuild, (name, *reduce(obj)))
+
+
+def _reduce_tensor(t: torch.Tensor) -> Any:
+    if t.layout is torch.sparse_coo:
+        parts = (t._indices(), t._values(), tuple(t.shape), t.is_coalesced(), t.requires_grad)
+        return (_rebuild, ("sparse_coo", *parts))
+    if (
+        t.layout is not torch.strided
+        or t.is_quantized
+        or t.is_nested
+        or t.device.type not in ("cpu", "cuda")
+        or t.dtype not in _DTYPE_CODE
+    ):
+        return t.__reduce_ex__(5)  # exotic tensors travel inline, the way torch pickles them
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    if not t.numel():  # nothing to send out of band
+        args = (tuple(t.shape), t.stride(), _DTYPE_CODE[t.dtype], t.requires_grad, t.get_device())
+        return (_rebuild_empty, args)
+    tensors = _state.sending.tensors
+    tensors.append(t)
+    return (_rebuild_tensor, (len(tensors) - 1,))
+
+
+def _out_of_band(buffer: pickle.PickleBuffer) -> bool:
+    """buffer_callback: take large contiguous writable buffers out of band."""
+    try:
+        raw = buffer.raw()
+    except BufferError:  # not contiguous
+        return True
+    if raw.readonly or raw.nbytes < _MIN_OUT_OF_BAND:
+        return True
+    _state.sending.buffers.append(torch.frombuffer(raw, dtype=torch.uint8))
+    return False
+
+
+def _tensor_table(tensors: list[torch.Tensor]) -> tuple[bytes, list[torch.Tensor]]:
+    """Describe each tensor relative to the byte range of its storage that the message needs.
+
+    The table is a flat int64 array: the number of storage blobs, then per tensor
+    ``blob, byte offset, dtype code, requires_grad, device (-1 CPU), ndim, *shape, *stride``.
+    Empty tensors never get here (they pickle inline).
+    """
+    ranges: dict[tuple[int, int], list[Any]] = {}  # (device, data_ptr) -> [lo, hi, storage]
+    placed: list[tuple[tuple[int, int], int]] = []
+    for t in tensors:
+        storage = t.untyped_storage()
+        key = (t.get_device(), storage.data_ptr())
+        itemsize = t.element_size()
+        start = int(t.storage_offset()) * itemsize
+        if t.is_contiguous():
+            extent = t.numel()
+        else:
+            extent = 1
+            for n, step in zip(t.shape, t.stride(), strict=True):
+                extent += (n - 1) * step
+        end = start + extent * itemsize
+        span = ranges.get(key)
+        if span is None:
+            ranges[key] = [start, end, storage]
+        else:
+            span[0] = min(span[0], start)
+            span[1] = max(span[1], end)
+        placed.append((key, start))
+
+    blobs: list[torch.Tensor] = []
+    blob_of: dict[tuple[int, int], tuple[int, int]] = {}  # key -> (blob index, aligned lo)
+    for key, (lo, hi, storage) in ranges.items():
+        lo -= lo % _ALIGN
+        blob = torch.empty(0, dtype=torch.uint8, device=storage.device)
+        blob.set_(storage, lo, (hi - lo,), (1,))
+        blob_of[key] = (len(blobs), lo)
+        blobs.append(blob)
+
+    table = [len(blobs)]
+    for t, (key, start) in zip(tensors, placed, strict=True):
+        index, lo = blob_of[key]
+        offset = start - lo
+        shape = t.shape
+        table += (index, offset, _DTYPE_CODE[t.dtype], t.requires_grad, t.get_device(), len(shape))
+        table += shape
+        table += t.stride()
+    return array.array("q", table).tobytes(), blobs
+
+
+# ---------------------------------------------------------------------------- rebuilders
+# Pickled by reference; they read the message being unpickled from the thread-local state.
+
+
+def _rebuild_tensor(index: int) -> torch.Tensor:
+    receiving: _Receiving | None = getattr(_state, "receiving", None)
+    if receiving is None:
+        raise pickle.UnpicklingError("shmrpc tensors can only be unpickled by shmrpc")
+    table = receiving.table
+    at = receiving.entries[index]
+    blob_index, offset, code, requires_grad, _device, ndim = table[at : at + 6]
+    shape = table[at + 6 : at + 6 + ndim]
+    stride = table[at + 6 + ndim : at + 6 + 2 * ndim]
+    dtype = _dtype(code)
+    blob = receiving.blobs[blob_index]
+    start = blob.storage_offset() + offset
+    t = torch.empty(0, dtype=dtype, device=blob.device)
+    t.set_(blob.untyped_storage(), start // dtype.itemsize, shape, stride)
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+def _rebuild_empty(
+    shape: tuple[int, ...], stride: tuple[int, ...], code: int, requires_grad: bool, device: int
+) -> torch.Tensor:
+    where = torch.device("cpu") if device < 0 else torch.device("cuda", device)
+    return torch.empty_strided(
+        shape, stride, dtype=_dtype(code), device=where, requires_grad=requires_grad
+    )
+
+
+def _dtype(code: int) -> torch.dtype:
+    dtype = _DTYPES[code] if 0 <= code < len(_DTYPES) else None
+    if dtype is None:
+        raise pickle.UnpicklingError(f"tensor dtype code {code} is unknown to this torch")
+    return dtype
+
+
+def _rebuild(name: str, *args: Any) -> Any:
+    receiving: _Receiving | None = getattr(_state, "receiving", None)
+    if receiving is None:
+        raise pickle.UnpicklingError(f"shmrpc objects ({name}) can only be unpickled by shmrpc")
+    try:
+        rebuild = receiving.rebuilders[name]
+    except KeyError:
+        raise pickle.UnpicklingError(f"no shmrpc rebuilder named {name!r}") from None
+    return rebuild(receiving.context, *args)
+
+
+def _rebuild_sparse_coo(
+    _context: Any,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    size: tuple[int, ...],
+    coalesced: bool,
+    requires_grad: bool,
+) -> torch.Tensor:
+    t = torch.sparse_coo_tensor(
+        indices, values, size, is_coalesced=coalesced, check_invariants=False
+    )
+    if requires_grad:
+        t.requires_grad_(True)
+    return t

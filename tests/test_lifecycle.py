@@ -1,0 +1,270 @@
+"""Starting, stopping and losing workers. Each test runs its own fresh world."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import pytest
+import torch
+
+import shmrpc as rpc
+from tests.harness import (
+    kill_self,
+    new_init_method,
+    run_world,
+    shmrpc_names_in_dev_shm,
+    worker_options,
+)
+
+
+def add(a, b):
+    return a + b
+
+
+def sleep_then(x, delay):
+    time.sleep(delay)
+    return x
+
+
+def die_after(delay):
+    time.sleep(delay)
+    kill_self()
+
+
+def init(rank, world_size, backend, init_method, name=None, **options):
+    opts = worker_options(backend, rank, world_size, init_method, **options)
+    rpc.init_rpc(
+        name or f"worker{rank}",
+        backend=backend,
+        rank=rank,
+        world_size=world_size,
+        rpc_backend_options=opts,
+    )
+
+
+# --------------------------------------------------------------------------- init twice
+
+
+def _init_twice(rank, backend, init_method):
+    init(rank, 2, backend, init_method)
+    try:
+        rpc.init_rpc(
+            "again",
+            backend=backend,
+            rank=rank,
+            world_size=2,
+            rpc_backend_options=rpc.RpcBackendOptions(init_method=new_init_method()),
+        )
+    except RuntimeError as e:
+        assert "RPC is already initialized" in str(e)
+    else:
+        raise AssertionError("second init_rpc did not fail")
+    assert rpc.rpc_sync(f"worker{1 - rank}", add, (rank, 1)) == rank + 1
+    rpc.shutdown()
+
+
+def test_init_twice(backend):
+    run_world(_init_twice, 2, (backend, new_init_method()))
+
+
+def _duplicate_names(rank, backend, init_method):
+    try:
+        init(rank, 2, backend, init_method, name="same")
+    except RuntimeError as e:
+        assert "RPC worker name same is not unique" in str(e), str(e)
+        return "refused"
+    rpc.shutdown()
+    return "accepted"
+
+
+def test_duplicate_names(backend):
+    assert run_world(_duplicate_names, 2, (backend, new_init_method())) == ["refused", "refused"]
+
+
+def _reinit(rank, backend, first, second):
+    for init_method in (first, second):
+        init(rank, 2, backend, init_method)
+        peer = f"worker{1 - rank}"
+        assert torch.equal(
+            rpc.rpc_sync(peer, torch.add, (torch.ones(2), rank)), torch.ones(2) + rank
+        )
+        assert rpc.rpc_sync(peer, add, (1, 2)) == 3
+        rpc.shutdown()
+    try:
+        rpc.rpc_sync("worker0", add, (1, 2))
+    except RuntimeError as e:
+        assert str(e).startswith("RPC has not been initialized")
+    else:
+        raise AssertionError("call after shutdown did not fail")
+
+
+def test_init_shutdown_init(backend):
+    run_world(_reinit, 2, (backend, new_init_method(), new_init_method()))
+
+
+def _world_of_one(rank, backend, init_method):
+    init(rank, 1, backend, init_method)
+    assert rpc.rpc_sync("worker0", add, (1, 2)) == 3
+    assert rpc.rpc_async(0, add, (2, 2)).wait() == 4
+    assert rpc.get_worker_info().id == 0
+    rpc.shutdown()
+
+
+def test_world_of_one(backend):
+    run_world(_world_of_one, 1, (backend, new_init_method()))
+
+
+# ------------------------------------------------------------------------------ shutdown
+
+
+def _graceful_with_work_in_flight(rank, backend, init_method):
+    init(rank, 3, backend, init_method)
+    futures = []
+    if rank == 0:
+        futures = [rpc.rpc_async("worker1", sleep_then, (i, 0.3)) for i in range(10)]
+        futures += [rpc.rpc_async("worker2", sleep_then, (i, 0.5)) for i in range(10)]
+    if rank == 2:
+        time.sleep(1.0)  # arrives late: the others keep serving meanwhile
+    rpc.shutdown()  # waits for every worker and all outstanding work
+    assert all(f.done() for f in futures)
+    return [f.wait() for f in futures]
+
+
+def test_graceful_shutdown_waits_for_work(backend):
+    results = run_world(_graceful_with_work_in_flight, 3, (backend, new_init_method()))
+    assert results[0] == list(range(10)) * 2
+
+
+def _non_graceful(rank, backend, init_method):
+    init(rank, 2, backend, init_method)
+    assert rpc.rpc_sync(f"worker{1 - rank}", add, (1, 1)) == 2
+    rpc.api._barrier(["worker0", "worker1"])
+    rpc.shutdown(graceful=False)
+
+
+def test_non_graceful_shutdown(backend):
+    run_world(_non_graceful, 2, (backend, new_init_method()))
+
+
+def _shutdown_timeout(rank, backend, init_method):
+    init(rank, 2, backend, init_method)
+    if rank == 1:
+        time.sleep(4.0)  # late to the barrier
+        with contextlib.suppress(RuntimeError):  # its peer gave up waiting and left
+            rpc.shutdown()
+        return None
+    start = time.monotonic()
+    try:
+        rpc.shutdown(timeout=1.0)
+    except RuntimeError:
+        elapsed = time.monotonic() - start
+        assert elapsed < 3.0, elapsed
+        return "timed out"
+    return "no timeout"
+
+
+def test_shutdown_timeout_is_honoured(backend):
+    assert run_world(_shutdown_timeout, 2, (backend, new_init_method()))[0] == "timed out"
+
+
+# ----------------------------------------------------------------------------- dead peers
+
+
+def _peer_dies(rank, backend, init_method):
+    init(rank, 3, backend, init_method, rpc_timeout=60)
+    if rank == 1:
+        time.sleep(30)  # killed by worker0's call before this ends
+        return None
+    if rank == 2:
+        # keeps serving worker0 after worker1 is gone, then leaves without a barrier
+        time.sleep(3.0)
+        rpc.shutdown(graceful=False)
+        return None
+    pending = rpc.rpc_async("worker1", sleep_then, (1, 20))
+    start = time.monotonic()
+    try:
+        rpc.rpc_sync("worker1", die_after, (0.2,))
+    except RuntimeError as e:
+        assert "worker1" in str(e), str(e)
+    else:
+        raise AssertionError("a call to a dying worker did not fail")
+    assert time.monotonic() - start < 10, "the failure must not wait for the 60 s timeout"
+    try:
+        pending.wait()
+    except RuntimeError as e:
+        assert isinstance(e, rpc.PeerLostError) and "worker1" in str(e)
+    else:
+        raise AssertionError("the pending call to the dead worker did not fail")
+    start = time.monotonic()
+    for _ in range(5):  # new calls fail fast
+        try:
+            rpc.rpc_sync("worker1", add, (1, 2))
+        except RuntimeError as e:
+            assert "worker1" in str(e) and "gone" in str(e)
+        else:
+            raise AssertionError("a call to a dead worker succeeded")
+    failed = rpc.rpc_async("worker1", add, (1, 2))
+    try:
+        failed.wait()
+    except rpc.PeerLostError:
+        assert failed.done()
+    else:
+        raise AssertionError("rpc_async to a dead worker succeeded")
+    assert time.monotonic() - start < 2
+    assert rpc.rpc_sync("worker2", add, (2, 3)) == 5, "the other peers keep working"
+    try:
+        rpc.shutdown()  # graceful, but a peer is dead: fails promptly instead of hanging
+    except RuntimeError as e:
+        assert "worker1" in str(e) or "gone" in str(e), str(e)
+        return "shutdown failed cleanly"
+    return "shutdown succeeded"
+
+
+def test_killed_peer(backend):
+    results = run_world(_peer_dies, 3, (backend, new_init_method()), expect_exit=[1], timeout=90)
+    assert results[0] == "shutdown failed cleanly"
+    assert shmrpc_names_in_dev_shm() == []
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_peer_killed_during_init_leaves_nothing(backend, victim):
+    """A worker that dies during rendezvous: the others fail init cleanly, nothing leaks."""
+
+    results = run_world(
+        _die_during_init, 2, (backend, new_init_method(), victim), expect_exit=[victim], timeout=90
+    )
+    assert results[1 - victim] == "init failed"
+    time.sleep(0.5)
+    assert shmrpc_names_in_dev_shm() == []
+
+
+def _die_during_init(rank, backend, init_method, victim):
+    if rank == victim:
+        kill_self()
+    try:
+        init(rank, 2, backend, init_method, rpc_timeout=3)
+    except RuntimeError:
+        return "init failed"
+    rpc.shutdown(graceful=False)
+    return "init succeeded"
+
+
+def test_environment_chooses_backend(backend, monkeypatch):
+    monkeypatch.setenv("SHMRPC_BACKEND", backend)
+    run_world(_default_backend, 2, (new_init_method(),))
+
+
+def _default_backend(rank, init_method):
+    rpc.init_rpc(
+        f"worker{rank}",
+        rank=rank,
+        world_size=2,
+        rpc_backend_options=rpc.RpcBackendOptions(init_method=init_method),
+    )
+    agent = rpc.api._get_current_rpc_agent()
+    assert agent.route_names()[f"worker{1 - rank}"] == {"auto": "shm"}.get(
+        os.environ["SHMRPC_BACKEND"], os.environ["SHMRPC_BACKEND"]
+    )
+    rpc.shutdown()
