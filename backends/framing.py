@@ -10,11 +10,13 @@ and allocate every destination before copying.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import torch
 
 from shmrpc.transport import Message
 
-__all__ = ["PREFIX", "Frame", "describe"]
+__all__ = ["PREFIX", "Frame", "describe", "small_message"]
 
 PREFIX = struct.Struct("<QIIQ")
 
@@ -49,3 +51,34 @@ def describe(message: Message) -> tuple[bytes, int]:
     body = 8 * len(lengths) + header + payload + sum(lengths)
     head = struct.pack(f"<QIIQ{len(lengths)}Q", body, header, len(lengths), payload, *lengths)
     return head, PREFIX.size + body
+
+
+def small_message(
+    frame: Frame, meta: bytes, copy_buffer: Callable[[int, memoryview], None]
+) -> Message:
+    """Build a small, fully arrived message.
+
+    ``meta`` holds the buffer lengths, header and payload; ``copy_buffer(n, out)`` copies the
+    next ``n`` bytes of buffer data into ``out``. All buffers share one allocation, each at a
+    16-byte aligned offset (enough for every dtype), and become tensors without another copy.
+    """
+    lengths = frame.buffer_lengths(meta)
+    at = frame.lengths_size
+    header = meta[at : at + frame.header]
+    payload = memoryview(meta)[at + frame.header :]
+    buffers = []
+    if lengths:
+        offsets, size = [], 0
+        for n in lengths:
+            offsets.append(size)
+            size += (n + 15) & ~15
+        store = bytearray(size)
+        view = memoryview(store)
+        for n, offset in zip(lengths, offsets, strict=True):
+            copy_buffer(n, view[offset : offset + n])
+            buffers.append(
+                torch.frombuffer(store, dtype=torch.uint8, count=n, offset=offset)
+                if n
+                else torch.empty(0, dtype=torch.uint8)
+            )
+    return Message(header, payload, buffers)

@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import posix_ipc
-import torch
 
 from shmrpc.transport import (
     Message,
@@ -46,7 +45,7 @@ from shmrpc.transport import (
     allocate_buffer,
 )
 
-from .framing import PREFIX, Frame, describe
+from .framing import PREFIX, Frame, describe, small_message
 from .ring import CONTROL_BYTES, Ring
 
 __all__ = ["ShmTransport", "sweep_dead_names"]
@@ -180,8 +179,10 @@ class _Channel:
             _full_fence()
             if self.outbox.reader_polling():
                 return
-        with contextlib.suppress(ValueError):  # SEM_VALUE_MAX: the reader is awake anyway
+        try:  # noqa: SIM105 - contextlib.suppress allocates, and this runs per message
             self.bell.release()
+        except ValueError:  # SEM_VALUE_MAX: the reader is awake anyway
+            pass
 
 
 class ShmTransport(Transport):
@@ -405,7 +406,8 @@ class ShmTransport(Transport):
         if channel.lost is not None:
             raise channel.lost
         head, total = describe(message)
-        if not channel.send_lock.acquire(timeout=-1 if timeout is None else timeout):
+        lock = channel.send_lock
+        if not (lock.acquire() if timeout is None else lock.acquire(timeout=timeout)):
             raise TimeoutError(f"shm: the channel to rank {peer} stayed busy for {timeout} s")
         try:
             ring = channel.outbox
@@ -414,7 +416,7 @@ class ShmTransport(Transport):
             else:
                 self._stream(channel, head, message, timeout)
         finally:
-            channel.send_lock.release()
+            lock.release()
         channel.ring_bell()
 
     @staticmethod
@@ -519,30 +521,16 @@ class ShmTransport(Transport):
     def _read_whole(ring: Ring, frame: Frame) -> Message:
         """A small message that has fully arrived: copy it out and release it at once."""
         meta = ring.get(PREFIX.size, frame.lengths_size + frame.header + frame.payload)
-        lengths = frame.buffer_lengths(meta)
-        at = frame.lengths_size
-        header = meta[at : at + frame.header]
-        payload = memoryview(meta)[at + frame.header :]
-        at = PREFIX.size + len(meta)
-        buffers = []
-        if lengths:
-            # One allocation for all buffers, each 16-byte aligned (enough for every dtype).
-            offsets, size = [], 0
-            for n in lengths:
-                offsets.append(size)
-                size += (n + 15) & ~15
-            store = bytearray(size)
-            view = memoryview(store)
-            for n, offset in zip(lengths, offsets, strict=True):
-                ring.get_into(at, n, view[offset : offset + n])
-                at += n
-                buffers.append(
-                    torch.frombuffer(store, dtype=torch.uint8, count=n, offset=offset)
-                    if n
-                    else torch.empty(0, dtype=torch.uint8)
-                )
+        position = PREFIX.size + len(meta)
+
+        def copy_buffer(n: int, out: memoryview) -> None:
+            nonlocal position
+            ring.get_into(position, n, out)
+            position += n
+
+        message = small_message(frame, meta, copy_buffer)
         ring.release(frame.total)
-        return Message(header, payload, buffers)
+        return message
 
     def _stream_into(self, channel: _Channel, out: np.ndarray) -> None:
         """Copy ``len(out)`` bytes from the ring as they arrive, freeing room as we go."""

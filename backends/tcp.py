@@ -8,7 +8,10 @@
   are never concatenated or copied in user space), TCP_NODELAY on.
 * Reading is non-blocking and resumable: ``poll`` takes whatever bytes the kernel holds and
   advances each connection's frame, so a large frame from one peer never stalls the others.
-  Buffers are received straight into their final tensors.
+  Small messages are read many at a time into a scratch buffer (one ``recv`` per poll); large
+  buffers are received straight into their final tensors.
+* Two epoll sets: listeners block in one, spinners poll the other. While a thread spins, the
+  sockets are muted in the listeners' set, so data it will read anyway wakes nobody.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import selectors
+import select
 import socket
 import struct
 import threading
@@ -37,7 +40,7 @@ from shmrpc.transport import (
 )
 
 from .auth import answer_challenge, deliver_challenge, recv_small, send_small
-from .framing import PREFIX, Frame, describe
+from .framing import PREFIX, Frame, describe, small_message
 
 __all__ = ["TcpTransport"]
 
@@ -48,19 +51,47 @@ _BYE = PREFIX.pack(2**64 - 1, 0, 0, 0)  # a frame header no real message has
 _RANK = struct.Struct("<q")
 #: Most bytes one poll() reads from one connection before moving to the next.
 _READ_SLICE = 8 << 20
+#: Messages up to this size are read many at a time into a per-connection scratch buffer.
+_SCRATCH = 64 << 10
 
 
-class _Incoming:
-    """A frame being received: where the next bytes go."""
+class _Partial:
+    """A message too large for the scratch buffer, received into its own memory."""
 
-    def __init__(self) -> None:
-        self.prefix = bytearray(PREFIX.size)
-        self.frame: Frame | None = None
-        self.meta: bytearray | None = None
+    def __init__(self, frame: Frame) -> None:
+        self.frame = frame
+        self.meta = bytearray(frame.lengths_size + frame.header + frame.payload)
         self.lengths: tuple[int, ...] | None = None
         self.buffers: list[torch.Tensor] = []
-        self.target: memoryview = memoryview(self.prefix)
+        self.target = memoryview(self.meta)
         self.filled = 0
+
+    def feed(self, data: memoryview) -> Message | None:
+        """Take bytes that arrived in the scratch buffer; the message once it is complete."""
+        while data:
+            n = min(len(data), len(self.target) - self.filled)
+            self.target[self.filled : self.filled + n] = data[:n]
+            self.filled += n
+            data = data[n:]
+            if self.filled == len(self.target) and (message := self.advance()) is not None:
+                return message
+        return None
+
+    def advance(self) -> Message | None:
+        """The current target is full: aim at the next one; the message once it is done."""
+        if self.lengths is None:  # buffer lengths, header and payload are in
+            self.lengths = tuple(self.frame.buffer_lengths(self.meta))
+        while len(self.buffers) < len(self.lengths):
+            n = self.lengths[len(self.buffers)]
+            buffer = allocate_buffer(n)
+            self.buffers.append(buffer)
+            if n:
+                self.target, self.filled = memoryview(cast(Any, buffer.numpy())), 0
+                return None
+        at = self.frame.lengths_size
+        view = memoryview(self.meta)
+        header = bytes(view[at : at + self.frame.header])
+        return Message(header, view[at + self.frame.header :], self.buffers)
 
 
 class _Connection:
@@ -68,13 +99,17 @@ class _Connection:
         self.peer = peer
         self.sock = sock
         self.send_lock = threading.Lock()
-        self.incoming = _Incoming()
         self.lost: PeerLostError | None = None
+        # received bytes not yet consumed: scratch[start:end]
+        self.scratch = bytearray(_SCRATCH)
+        self.view = memoryview(self.scratch)
+        self.start = self.end = 0
+        self.partial: _Partial | None = None
 
 
 class TcpTransport(Transport):
     name = "tcp"
-    cheap_poll = False
+    cheap_poll = True
 
     def __init__(self, config: TransportConfig, host: TransportHost) -> None:
         super().__init__(config, host)
@@ -83,13 +118,17 @@ class TcpTransport(Transport):
         self._advertise = options.get("advertise_addr") or self._listen_addr
         self._max_message = options.get("max_message_size")
         self._connections: dict[int, _Connection] = {}
+        self._by_fd: dict[int, _Connection] = {}
         self._changed = threading.Condition()
-        self._selector = selectors.DefaultSelector()
+        self._epoll = select.epoll()  # listeners block here (sockets muted while spinning)
+        self._spin_epoll = select.epoll()  # spinners poll here
         self._ready: list[_Connection] = []
         self._read_lock = threading.Lock()
+        self._spinning = 0
+        self._spin_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
         self._closed = False
@@ -185,7 +224,9 @@ class TcpTransport(Transport):
                 sock.close()
                 raise TransportError(f"tcp: rank {peer} connected twice")
             self._connections[peer] = connection
-            self._selector.register(sock, selectors.EVENT_READ, connection)
+            self._by_fd[sock.fileno()] = connection
+            self._epoll.register(sock.fileno(), select.EPOLLIN)
+            self._spin_epoll.register(sock.fileno(), select.EPOLLIN)
             self._changed.notify_all()
 
     def _stop_listening(self) -> None:
@@ -204,44 +245,64 @@ class TcpTransport(Transport):
             raise PeerLostError(f"tcp: no connection to rank {peer}")
         if connection.lost is not None:
             raise connection.lost
-        head, _ = describe(message)
-        views = [memoryview(head), memoryview(message.header), memoryview(message.payload)]
+        head, total = describe(message)
+        views = [head, message.header, message.payload]
         views += [memoryview(cast(Any, b.numpy())) for b in message.buffers if b.numel()]
-        if not connection.send_lock.acquire(timeout=-1 if timeout is None else timeout):
+        lock = connection.send_lock
+        if not (lock.acquire() if timeout is None else lock.acquire(timeout=timeout)):
             raise TimeoutError(f"tcp: the connection to rank {peer} stayed busy for {timeout} s")
         try:
-            self._send_all(connection.sock, views)
+            sent = connection.sock.sendmsg(views)
+            if sent < total:
+                self._send_rest(connection.sock, views, sent)
         except OSError as e:
             error = PeerLostError(f"tcp: sending to rank {peer} failed: {e}")
             self._lose(connection, error)
             raise error from e
         finally:
-            connection.send_lock.release()
+            lock.release()
 
     @staticmethod
-    def _send_all(sock: socket.socket, views: list[memoryview]) -> None:
-        pending = [v.cast("B") for v in views if v.nbytes]
+    def _send_rest(sock: socket.socket, views: list[Any], sent: int) -> None:
+        """Finish a partial sendmsg (large messages, full socket buffers)."""
+        pending = [memoryview(v).cast("B") for v in views]
         while pending:
+            while pending and sent >= pending[0].nbytes:
+                sent -= pending.pop(0).nbytes
+            if not pending:
+                return
+            pending[0] = pending[0][sent:]
             sent = sock.sendmsg(pending[:_IOV_MAX])
-            while sent:
-                first = pending[0]
-                if sent >= first.nbytes:
-                    sent -= first.nbytes
-                    pending.pop(0)
-                else:
-                    pending[0] = first[sent:]
-                    sent = 0
 
     # --------------------------------------------------------------------------- receive
     def wait(self, timeout: float) -> None:
         ready = []
-        for key, _ in self._selector.select(timeout):
-            if key.data is None:
+        for fd, _ in self._epoll.poll(timeout):
+            if fd == self._wake_r:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
-            else:
-                ready.append(key.data)
+            elif (connection := self._by_fd.get(fd)) is not None:
+                ready.append(connection)
         self._ready = ready
+
+    def spin_begin(self) -> None:
+        with self._spin_lock:
+            self._spinning += 1
+            if self._spinning == 1:
+                self._mute(True)
+
+    def spin_end(self) -> None:
+        with self._spin_lock:
+            self._spinning -= 1
+            if self._spinning == 0:
+                self._mute(False)
+
+    def _mute(self, muted: bool) -> None:
+        events = 0 if muted else select.EPOLLIN
+        for fd, connection in list(self._by_fd.items()):
+            if connection.lost is None:
+                with contextlib.suppress(OSError):
+                    self._epoll.modify(fd, events)
 
     def poll(self) -> int:
         if not self._read_lock.acquire(blocking=False):
@@ -249,7 +310,8 @@ class TcpTransport(Transport):
         try:
             ready, self._ready = self._ready, []
             if not ready:
-                ready = [k.data for k, _ in self._selector.select(0) if k.data is not None]
+                by_fd = self._by_fd
+                ready = [by_fd[fd] for fd, _ in self._spin_epoll.poll(0) if fd in by_fd]
             delivered = 0
             for connection in ready:
                 if connection.lost is None:
@@ -259,75 +321,106 @@ class TcpTransport(Transport):
             self._read_lock.release()
 
     def _receive(self, connection: _Connection) -> int:
-        """Read what the kernel has for ``connection``; deliver every frame it completes."""
+        """Read what the kernel has for ``connection``; deliver every message it completes."""
         delivered = 0
         budget = _READ_SLICE
-        while budget > 0:
-            incoming = connection.incoming  # _advance replaces it when a frame completes
-            target = incoming.target
-            try:
-                n = connection.sock.recv_into(target[incoming.filled :], 0, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                self._lose(connection, PeerLostError(f"tcp: rank {connection.peer}: {e}"))
-                break
-            if n == 0:
-                self._lose(connection, PeerLostError(f"tcp peer rank {connection.peer} exited"))
-                break
-            budget -= n
-            incoming.filled += n
-            if incoming.filled < len(target):
-                continue
-            try:
-                message = self._advance(connection)
-            except PeerLostError as e:
-                self._lose(connection, e)
-                break
-            if message is not None:
-                delivered += 1
-                self.host.deliver(connection.peer, message)
+        sock = connection.sock
+        try:
+            while budget > 0:
+                partial = connection.partial
+                if partial is not None:  # a large message: straight into its memory
+                    n = sock.recv_into(partial.target[partial.filled :], 0, socket.MSG_DONTWAIT)
+                    if not n:
+                        raise EOFError
+                    budget -= n
+                    partial.filled += n
+                    if partial.filled == len(partial.target):
+                        message = partial.advance()
+                        if message is not None:
+                            connection.partial = None
+                            delivered += 1
+                            self.host.deliver(connection.peer, message)
+                    continue
+                if connection.start == connection.end:
+                    connection.start = connection.end = 0
+                elif connection.end == _SCRATCH:
+                    self._compact(connection)
+                room = _SCRATCH - connection.end
+                n = sock.recv_into(connection.view[connection.end :], room, socket.MSG_DONTWAIT)
+                if not n:
+                    raise EOFError
+                budget -= n
+                connection.end += n
+                delivered += self._parse(connection)
+                if n < room:
+                    break  # the kernel had no more
+        except BlockingIOError:
+            pass
+        except EOFError:
+            self._lose(connection, PeerLostError(f"tcp peer rank {connection.peer} exited"))
+        except PeerLostError as e:
+            self._lose(connection, e)
+        except OSError as e:
+            self._lose(connection, PeerLostError(f"tcp: rank {connection.peer}: {e}"))
         return delivered
 
-    def _advance(self, connection: _Connection) -> Message | None:
-        """The current part is complete: aim at the next one; return a finished message."""
-        incoming = connection.incoming
-        if incoming.frame is None:  # the prefix is in
-            if bytes(incoming.prefix) == _BYE:
+    def _parse(self, connection: _Connection) -> int:
+        """Deliver the complete messages in the scratch buffer; start a partial if needed."""
+        delivered = 0
+        view = connection.view
+        while connection.end - connection.start >= PREFIX.size:
+            start = connection.start
+            if view[start : start + PREFIX.size] == _BYE:
                 raise PeerLostError(f"tcp peer rank {connection.peer} shut down")
-            frame = incoming.frame = Frame(incoming.prefix)
+            frame = Frame(PREFIX.unpack_from(view, start))
             if self._max_message is not None and frame.total > self._max_message + 4096:
                 raise PeerLostError(
                     f"tcp: rank {connection.peer} sent a {frame.total}-byte message, over the limit"
                 )
-            incoming.meta = bytearray(frame.lengths_size + frame.header + frame.payload)
-            incoming.target, incoming.filled = memoryview(incoming.meta), 0
-            return None
-        assert incoming.meta is not None
-        if incoming.lengths is None:  # the buffer lengths, header and payload are in
-            incoming.lengths = tuple(incoming.frame.buffer_lengths(incoming.meta))
-        while len(incoming.buffers) < len(incoming.lengths):
-            n = incoming.lengths[len(incoming.buffers)]
-            buffer = allocate_buffer(n)
-            incoming.buffers.append(buffer)
-            if n:
-                incoming.target, incoming.filled = memoryview(cast(Any, buffer.numpy())), 0
-                return None
-        frame = incoming.frame
-        at = frame.lengths_size
-        view = memoryview(incoming.meta)
-        message = Message(
-            bytes(view[at : at + frame.header]), view[at + frame.header :], incoming.buffers
-        )
-        connection.incoming = _Incoming()
-        return message
+            available = connection.end - start
+            if frame.total <= available:
+                meta_at = start + PREFIX.size
+                meta = bytes(
+                    view[meta_at : meta_at + frame.lengths_size + frame.header + frame.payload]
+                )
+                position = meta_at + len(meta)
+
+                def copy_buffer(n: int, out: memoryview) -> None:
+                    nonlocal position
+                    out[:] = view[position : position + n]
+                    position += n
+
+                message = small_message(frame, meta, copy_buffer)
+                connection.start = start + frame.total
+                delivered += 1
+                self.host.deliver(connection.peer, message)
+            elif frame.total <= _SCRATCH:
+                if start + frame.total > _SCRATCH:
+                    self._compact(connection)  # make room for the rest behind it
+                break
+            else:
+                partial = _Partial(frame)
+                connection.partial = partial
+                connection.start = connection.end
+                done = partial.feed(view[start + PREFIX.size : connection.end])
+                assert done is None, "larger than the scratch buffer: cannot be complete yet"
+                break
+        return delivered
+
+    @staticmethod
+    def _compact(connection: _Connection) -> None:
+        pending = connection.end - connection.start
+        connection.view[:pending] = connection.view[connection.start : connection.end]
+        connection.start, connection.end = 0, pending
 
     def _lose(self, connection: _Connection, error: PeerLostError) -> None:
         if connection.lost is not None:
             return
         connection.lost = error
-        with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(connection.sock)
+        fd = connection.sock.fileno()
+        for epoll in (self._epoll, self._spin_epoll):
+            with contextlib.suppress(OSError, ValueError):
+                epoll.unregister(fd)
         if not self._closed:
             self.host.peer_lost(connection.peer, error)
 
@@ -349,6 +442,7 @@ class TcpTransport(Transport):
             with contextlib.suppress(OSError):
                 connection.sock.close()
         with self._read_lock:
-            self._selector.close()
+            self._epoll.close()
+            self._spin_epoll.close()
         os.close(self._wake_r)
         os.close(self._wake_w)

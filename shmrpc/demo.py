@@ -68,7 +68,11 @@ def _worker(rank: int, store_dir: str, default_backend: str, quick: bool, result
                 _show_calls(backend)
             else:
                 for size in SIZES:
-                    repeats = (200 if size <= 1 << 10 else 30) if quick else (3000 if size <= 1 << 10 else 100)
+                    repeats = (
+                        (200 if size <= 1 << 10 else 30)
+                        if quick
+                        else (3000 if size <= 1 << 10 else 100)
+                    )
                     results[(backend, size)] = _median_round_trip(size, repeats)
         rpc.shutdown()
 

@@ -1,23 +1,30 @@
-"""The agent's threads: a pool that runs work and keeps one thread watching each transport.
+"""The agent's threads: a pool that runs work and listens on the transports.
 
 What makes a call fast on a 2-core machine is fewer thread switches, not faster code: a
 thread-pool hand-off costs ~40 µs here, a blocking wake-up tens of µs, and two threads
 spinning in one process fight over the GIL. So:
 
-* **Inline first.** The thread watching a transport runs the request it finds itself and keeps
-  watching afterwards; a ping-pong of calls runs on one hot thread. A batch of requests fans
-  out: the watcher keeps one, idle pool threads take the rest.
-* **Watchdog.** A handler may block (``time.sleep``, a lock, I/O). While inline work is under
-  way a watchdog looks every ``grace`` seconds, and hands the watch of a transport whose
-  watcher has been busy longer than that to an idle thread, so other messages keep flowing.
-* **One spinner.** A watcher spins briefly on cheap transports before it blocks, but only when
-  no handler runs and no caller spins in this process (``wait_reply`` spins for sync callers).
-  Spinning is always bounded in time.
-* **Hand-off before blocking.** A sync caller that holds the watch (a nested call inside an
-  inline handler) gives the watch away before it blocks.
+* **Listeners run what they receive.** Each transport has listener threads that poll it and
+  block on its doorbell (``Transport.wait``) when idle. The listener that finds requests runs
+  them itself, one after another (no hand-off), then returns to listening.
+* **Helpers only for blocked work.** Waking a thread per queued item would cost more than the
+  item, so idle threads are called in only when work waits and no thread has taken any for
+  ``_STALL`` seconds, i.e. when the threads running work are blocked, not merely busy.
+* **Two listeners, not a watchdog.** While a listener runs a request it is not polling, so a
+  peer sending another message rings the doorbell, which wakes the spare listener blocked on
+  it. A handler that blocks (``time.sleep``, a lock, a nested call) therefore never stalls
+  other traffic, and in a ping-pong the spare just sleeps: no timer, no per-call hand-off.
+  Before a listener starts work that would leave no free listener, it recruits an idle
+  thread. Any thread that returns from ``wait`` polls before anything else, so a doorbell
+  ring is never lost, whoever consumed it.
+* **One spinner.** A listener that just ran work spins briefly on cheap transports (a server
+  expecting the next request) before it blocks, but only while no other work runs and no
+  caller spins in this process (``wait_reply`` spins for sync callers). A spinning thread
+  holds the GIL: a thread waiting for it gets it only when the spin ends or after the 5 ms
+  switch interval, so every spin is short and bounded.
 
-At most ``num_threads`` work items run at once (torch's ``num_worker_threads``); one thread
-more per transport exists so a transport can always be watched, even when every worker is
+At most ``num_threads`` work items run at once (torch's ``num_worker_threads``); two threads
+more per transport exist so a transport always has a free listener, even when every worker is
 blocked in user code, which is what keeps nested calls from deadlocking.
 """
 
@@ -39,12 +46,12 @@ logger = logging.getLogger(__name__)
 #: A unit of work: a callable and its arguments.
 Work = tuple[Callable[..., None], tuple[Any, ...]]
 
-#: Longest single block inside Transport.wait; the watcher re-checks for shutdown after it.
+#: Longest single block inside Transport.wait; listeners re-check for shutdown after it.
 _WAIT_SLICE = 1.0
-#: How long inline work may hold a transport's watch before the watchdog frees it.
-_GRACE = 0.002
-#: The watchdog stops ticking after this long without inline work.
-_WATCHDOG_IDLE = 1.0
+#: Listeners a transport keeps when nothing is busy: one to run work, one spare.
+_LISTENERS = 2
+#: Queued work that no thread took up for this long calls in idle helpers.
+_STALL = 0.001
 
 
 class Dispatcher:
@@ -52,27 +59,29 @@ class Dispatcher:
         self._max_running = num_threads
         self._spin = spin_seconds
         self._name = name
-        self._cond = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # idle pool threads wait here
+        self._backlog = threading.Condition(lock)  # the backlog watcher waits here
         self._queue: deque[Work] = deque()
+        self._last_take = 0.0  # when a thread last took work off the queue
         self._running = 0
-        self._watchers: dict[Transport, threading.Thread | None] = {}
-        self._inline_since: dict[Transport, tuple[float, threading.Thread]] = {}
+        self._listeners: dict[Transport, int] = {}
+        self._busy: dict[Transport, int] = {}  # listeners of the transport running work
         self._cheap: list[Transport] = []
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._local = threading.local()
-        self._last_activity = 0.0
+        self._last_work = 0.0
         self._spinners = 0
         self._spin_lock = threading.Lock()
-        self._watchdog_cond = threading.Condition(threading.Lock())
-        self._watchdog_ticking = False
 
     # ------------------------------------------------------------------------------ control
     def start(self, transports: Sequence[Transport]) -> None:
-        self._watchers = dict.fromkeys(transports)
+        self._listeners = dict.fromkeys(transports, 0)
+        self._busy = dict.fromkeys(transports, 0)
         self._cheap = [t for t in transports if t.cheap_poll]
-        targets = [self._run] * (self._max_running + len(transports)) + [self._watchdog]
-        for i, target in enumerate(targets):
+        targets = [self._run] * (self._max_running + _LISTENERS * len(transports))
+        for i, target in enumerate([*targets, self._watch_backlog]):
             thread = threading.Thread(target=target, name=f"{self._name}-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -83,10 +92,10 @@ class Dispatcher:
             self._stopping = True
             self._queue.clear()
             self._cond.notify_all()
-        with self._watchdog_cond:
-            self._watchdog_cond.notify_all()
-        for transport in self._watchers:
-            transport.interrupt()
+            self._backlog.notify_all()
+        for transport in self._listeners:
+            for _ in range(self._listeners[transport]):
+                transport.interrupt()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             if thread is not threading.current_thread():
@@ -101,7 +110,7 @@ class Dispatcher:
 
     # ------------------------------------------------------------------------------- intake
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn(*args)`` on a pool thread (a watcher collects it into its batch)."""
+        """Run ``fn(*args)`` on a pool thread (a listener collects it into its batch)."""
         batch: list[Work] | None = getattr(self._local, "batch", None)
         if batch is not None:
             batch.append((fn, args))
@@ -109,7 +118,7 @@ class Dispatcher:
         with self._cond:
             if self._stopping:
                 return
-            self._queue.append((fn, args))
+            self._enqueue([(fn, args)])
             self._cond.notify()
 
     def wait_reply(self, done: Callable[[], bool], latch: threading.Lock, timeout: float) -> bool:
@@ -139,7 +148,6 @@ class Dispatcher:
                 transport.poll()  # what arrived while peers thought we were polling
         if done():
             return True
-        self._give_up_watch()
         return latch.acquire(timeout=timeout if timeout > 0 else -1)
 
     # ------------------------------------------------------------------------------ threads
@@ -152,21 +160,59 @@ class Dispatcher:
                 while True:
                     if self._stopping:
                         return
-                    transport = next((t for t, w in self._watchers.items() if w is None), None)
+                    transport = self._needing_listener()
                     if transport is not None:
-                        self._watchers[transport] = threading.current_thread()
+                        self._listeners[transport] += 1
                         break
                     if self._queue and self._running < self._max_running:
-                        work = self._queue.popleft()
+                        work = self._take()
                         self._running += 1
-                        if self._queue and self._running < self._max_running:
-                            cond.notify()
                         break
                     cond.wait()
             if transport is not None:
-                self._watch(transport)
+                self._listen(transport)
             elif work is not None:
                 self._execute(work)
+                self._drain()
+
+    def _take(self) -> Work:
+        """Pop queued work (caller holds the lock)."""
+        self._last_take = time.monotonic()
+        return self._queue.popleft()
+
+    def _drain(self) -> None:
+        """Run queued work on this thread until the queue is empty."""
+        while True:
+            with self._cond:
+                if not self._queue or self._stopping or self._running >= self._max_running:
+                    return
+                work = self._take()
+                self._running += 1
+            self._execute(work)
+
+    def _watch_backlog(self) -> None:
+        """Call in idle helpers when queued work stalls (its takers are blocked)."""
+        with self._cond:
+            while not self._stopping:
+                if not self._queue:
+                    self._backlog.wait()
+                    continue
+                stalled = time.monotonic() - self._last_take
+                if stalled < _STALL:
+                    self._backlog.wait(_STALL - stalled)
+                    continue
+                helpers = min(len(self._queue), self._max_running - self._running)
+                if helpers:
+                    self._last_take = time.monotonic()  # give the helpers a moment to start
+                    self._cond.notify(helpers)
+                else:
+                    self._backlog.wait(_STALL)
+
+    def _needing_listener(self) -> Transport | None:
+        for transport, count in self._listeners.items():
+            if count < _LISTENERS or count - self._busy[transport] < 1:
+                return transport
+        return None
 
     def _execute(self, work: Work) -> None:
         fn, args = work
@@ -175,25 +221,21 @@ class Dispatcher:
         except BaseException:
             logger.exception("shmrpc: unhandled error in %s", getattr(fn, "__qualname__", fn))
         finally:
-            self._last_activity = time.monotonic()
+            self._last_work = time.monotonic()
             with self._cond:
                 self._running -= 1
-                if self._queue:
-                    self._cond.notify()
 
-    def _watch(self, transport: Transport) -> None:
-        """Watch ``transport``, running what it yields, until another thread takes the watch."""
+    def _listen(self, transport: Transport) -> None:
+        """Poll ``transport`` and run what arrives, until this thread is not needed here."""
         local = self._local
-        me = threading.current_thread()
         batch: list[Work] = []
-        local.watching, local.batch = transport, batch
+        local.batch = batch
         try:
-            while not self._stopping and self._watchers.get(transport) is me:
-                if transport.poll():
-                    self._last_activity = time.monotonic()
+            while not self._stopping:
+                transport.poll()  # also right after wait(): whoever woke handles the ring
                 if batch:
-                    if not self._run_inline(transport, batch):
-                        return  # the watchdog gave our watch away while we ran
+                    if not self._run_received(transport, batch):
+                        return  # enough listeners without us: back to the pool
                 elif self._may_spin(transport):
                     self._spin_on(transport, batch)
                 else:
@@ -201,12 +243,11 @@ class Dispatcher:
         except Exception:
             logger.exception("shmrpc: transport %s failed while receiving", transport.name)
             time.sleep(0.01)
-            with self._cond:
-                if self._watchers.get(transport) is me:
-                    self._watchers[transport] = None
-                    self._cond.notify()
         finally:
-            local.watching = local.batch = None
+            local.batch = None
+            with self._cond:
+                self._listeners[transport] -= 1
+                self._cond.notify()  # a replacement, if the transport needs one
 
     def _may_spin(self, transport: Transport) -> bool:
         return (
@@ -214,7 +255,7 @@ class Dispatcher:
             and self._spin > 0
             and not self._running
             and not self._spinners
-            and time.monotonic() - self._last_activity < self._spin
+            and time.monotonic() - self._last_work < self._spin
         )
 
     def _spin_on(self, transport: Transport, batch: list[Work]) -> None:
@@ -223,64 +264,43 @@ class Dispatcher:
         try:
             poll = transport.poll
             while not batch and self._may_spin(transport) and not self._stopping:
-                if poll():
-                    self._last_activity = time.monotonic()
+                poll()
         finally:
             transport.spin_end()
 
-    def _run_inline(self, transport: Transport, batch: list[Work]) -> bool:
-        """Run the first item of ``batch`` here, queue the rest. False: we lost the watch."""
+    def _run_received(self, transport: Transport, batch: list[Work]) -> bool:
+        """Run ``batch`` (and whatever else is queued) on this thread.
+
+        Returns whether this thread should keep listening.
+        """
         with self._cond:
             if self._running >= self._max_running:
-                self._queue.extend(batch)  # every worker is busy: queue and keep watching
-                batch.clear()
+                self._enqueue(batch)  # every worker is busy: queue, keep listening
                 return True
             work = batch[0]
             self._running += 1
-            if len(batch) > 1:
-                self._queue.extend(batch[1:])
-                self._cond.notify(len(batch) - 1)
+            self._busy[transport] += 1
+            self._enqueue(batch[1:])
             batch.clear()
-        self._inline_since[transport] = (time.monotonic(), threading.current_thread())
-        if not self._watchdog_ticking:
-            with self._watchdog_cond:
-                self._watchdog_cond.notify()
+            if self._listeners[transport] - self._busy[transport] < 1:
+                self._cond.notify()  # we were the last free listener: recruit one
         local = self._local
-        local.batch = None  # what the handler itself receives goes to other threads
+        local.batch = None  # what the work itself receives goes to other threads
         try:
             self._execute(work)
+            self._drain()
         finally:
             local.batch = batch
-            self._inline_since.pop(transport, None)
-        return self._watchers.get(transport) is threading.current_thread()
+            with self._cond:
+                self._busy[transport] -= 1
+                listeners, busy = self._listeners[transport], self._busy[transport]
+        return listeners <= _LISTENERS or listeners - busy <= 1
 
-    def _give_up_watch(self) -> None:
-        """Before this thread blocks, let an idle thread watch what it was watching."""
-        transport: Transport | None = getattr(self._local, "watching", None)
-        if transport is None:
-            return
-        with self._cond:
-            if self._watchers.get(transport) is threading.current_thread():
-                self._watchers[transport] = None
-                self._cond.notify()
-
-    def _watchdog(self) -> None:
-        last_inline = time.monotonic()
-        while not self._stopping:
-            if not self._inline_since and time.monotonic() - last_inline > _WATCHDOG_IDLE:
-                with self._watchdog_cond:
-                    self._watchdog_ticking = False
-                    if not self._inline_since and not self._stopping:
-                        self._watchdog_cond.wait()
-                    self._watchdog_ticking = True
-                continue
-            time.sleep(_GRACE)
-            now = time.monotonic()
-            for transport, (since, thread) in list(self._inline_since.items()):
-                last_inline = now
-                if now - since < _GRACE:
-                    continue
-                with self._cond:
-                    if self._watchers.get(transport) is thread:
-                        self._watchers[transport] = None  # the busy watcher loses the watch
-                        self._cond.notify()
+    def _enqueue(self, items: list[Work]) -> None:
+        """Queue work for this or another thread to take (caller holds the lock)."""
+        if items:
+            if not self._queue:
+                self._last_take = time.monotonic()  # the stall clock starts now
+                self._backlog.notify()
+            self._queue.extend(items)
+            items.clear()

@@ -65,7 +65,7 @@ class RpcBackendOptions:
         listen_addr: str = "127.0.0.1",
         advertise_addr: str | None = None,
         host_id: str | None = None,
-        spin_us: float = 50.0,
+        spin_us: float = 100.0,
         max_message_size: int | None = None,
         auth_key: bytes | None = None,
         **transport_options: Any,

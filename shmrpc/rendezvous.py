@@ -7,7 +7,6 @@ and write it, so everything exchanged here is JSON, never pickle.
 
 from __future__ import annotations
 
-import itertools
 import json
 import secrets
 import time
@@ -17,11 +16,6 @@ from typing import Any
 import torch.distributed as dist
 
 __all__ = ["Rendezvous"]
-
-# Each init_rpc in a process gets fresh keys, so init → shutdown → init works on one store
-# (the same scheme as torch's "rpc_prefix_{N}"; all workers must re-init the same number of
-# times).
-_generation = itertools.count()
 
 
 class Rendezvous:
@@ -41,7 +35,12 @@ class Rendezvous:
         except (ValueError, RuntimeError) as e:
             raise RuntimeError(f"rendezvous through {init_method!r} failed: {e}") from e
         store.set_timeout(timedelta(seconds=timeout))
-        self._store = dist.PrefixStore(f"shmrpc/{next(_generation)}/", store)
+        # Every join through this store gets fresh keys, so init → shutdown → init can reuse a
+        # store: the n-th join of each rank meets the n-th join of the others. Counting in the
+        # store (not in the process, as torch does) keeps fresh stores working for processes
+        # that joined other worlds before.
+        generation = store.add(f"shmrpc/joins/{self.rank}", 1)
+        self._store = dist.PrefixStore(f"shmrpc/{generation}/", store)
         self._base_store = store  # the TCPStore server lives as long as this object on rank 0
 
     # -------------------------------------------------------------------------------- world

@@ -24,7 +24,7 @@ import importlib.metadata
 import sys
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 
@@ -52,14 +52,16 @@ class PeerLostError(TransportError, ConnectionError):
     """The peer process is gone, or its channel broke; nothing more can reach it."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
     """One unit a transport carries.
 
     ``header`` and ``payload`` are CPU bytes the engine encoded; a transport delivers them
     verbatim. ``buffers`` are 1-D contiguous ``torch.uint8`` tensors on any device. On the
-    receiving side every buffer is memory the receiver owns (never a view into a shared ring),
-    and it starts at a 64-byte aligned offset of its storage.
+    receiving side every buffer is memory the receiver owns (never a view into a shared ring)
+    and its storage offset is a multiple of 64 bytes.
+
+    (A NamedTuple rather than a frozen dataclass: one is built per message, and frozen
+    dataclasses pay for their immutability on every construction.)
     """
 
     header: bytes
