@@ -40,6 +40,9 @@ __all__ = ["Inbound", "Later", "RpcAgent"]
 logger = logging.getLogger(__name__)
 
 _REPLY_KINDS = (int(Kind.RESULT), int(Kind.ERROR))
+#: Bytes per second a request crosses at, end to end, for lengthening the caller's spin.
+_CROSSING_RATE = 2e9
+_MAX_EXTRA_SPIN = 0.002
 _INTERNAL = Flag.INTERNAL
 _REQUEST_ID_AT = 8  # byte offset of the request id in the envelope
 
@@ -82,12 +85,13 @@ Handler = Callable[[Inbound, Any], Any]
 class _Call:
     """An outstanding request: how its reply reaches whoever waits for it."""
 
-    __slots__ = ("future", "internal", "latch", "peer", "reply", "request_id", "timer")
+    __slots__ = ("future", "internal", "latch", "peer", "reply", "request_id", "size", "timer")
 
-    def __init__(self, request_id: int, peer: int, internal: bool) -> None:
+    def __init__(self, request_id: int, peer: int, internal: bool, size: int) -> None:
         self.request_id = request_id
         self.peer = peer
         self.internal = internal
+        self.size = size  # bytes of buffers the request carries
         self.future: torch.futures.Future[Any] | None = None
         self.latch: threading.Lock | None = None
         self.reply: Message | BaseException | None = None
@@ -251,7 +255,7 @@ class RpcAgent:
     ) -> Any:
         """Send a request and block for its reply (``timeout`` 0: no limit)."""
         call = self._start(to, kind, payload, timeout, flags, sync=True)
-        reply = self._await(call, timeout, to)
+        reply = self._await(call, timeout, to, call.size / _CROSSING_RATE)
         if isinstance(reply, BaseException):
             raise reply
         ok, value = self._decode_reply(reply)
@@ -287,7 +291,7 @@ class RpcAgent:
             e.add_note(f"shmrpc: could not serialize the request to {to.name}")
             raise
         internal = bool(flags & _INTERNAL)
-        call = _Call(next(self._ids), to.id, internal)
+        call = _Call(next(self._ids), to.id, internal, sum(b.numel() for b in pickled.buffers))
         if sync:
             call.latch = threading.Lock()
             call.latch.acquire()
@@ -314,11 +318,14 @@ class RpcAgent:
             raise
         return call
 
-    def _await(self, call: _Call, timeout: float, to: WorkerInfo) -> Message | BaseException:
+    def _await(self, call: _Call, timeout: float, to: WorkerInfo,
+               extra_spin: float) -> Message | BaseException:  # fmt: skip
         """Wait for a synchronous call's reply (the dispatcher spins, then blocks)."""
         latch = call.latch
         assert latch is not None
-        if not self._dispatcher.wait_reply(lambda: call.reply is not None, latch, timeout):
+        extra_spin = min(extra_spin, _MAX_EXTRA_SPIN)
+        if not self._dispatcher.wait_reply(lambda: call.reply is not None, latch, timeout,
+                                           extra_spin):  # fmt: skip
             if self._take(call.request_id) is not None:
                 raise RpcTimeoutError.after(timeout, f"call to {to.name}")
             latch.acquire()  # the reply raced the timeout; it is being handed over

@@ -121,11 +121,14 @@ class Dispatcher:
             self._enqueue([(fn, args)])
             self._cond.notify()
 
-    def wait_reply(self, done: Callable[[], bool], latch: threading.Lock, timeout: float) -> bool:
+    def wait_reply(
+        self, done: Callable[[], bool], latch: threading.Lock, timeout: float, extra_spin: float = 0
+    ) -> bool:
         """Wait until ``done()``; ``latch`` is released when it is. False on timeout.
 
         Spins on the cheap transports first (the reply usually arrives within microseconds,
-        and polling delivers it on this very thread), then blocks on ``latch``.
+        and polling delivers it on this very thread), then blocks on ``latch``. ``extra_spin``
+        lengthens the spin for requests whose bytes take a while to cross.
         """
         cheap = self._cheap
         if cheap and self._spin and not done():
@@ -135,7 +138,7 @@ class Dispatcher:
                 transport.spin_begin()
             try:
                 polls = [t.poll for t in cheap]
-                end = time.monotonic() + self._spin
+                end = time.monotonic() + self._spin + extra_spin
                 while not done() and time.monotonic() < end:
                     for poll in polls:
                         poll()
