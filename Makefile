@@ -21,8 +21,10 @@ test: setup
 	$(BIN)/python -m pytest
 
 bench: setup
+	mkdir -p .benchmarks
 	$(BIN)/python -m pytest bench --benchmark-only --benchmark-columns=median,min,max,rounds \
 		--benchmark-sort=name --benchmark-json=.benchmarks/latest.json
+	$(BIN)/python -m bench.report .benchmarks/latest.json docs/benchmarks.md
 
 lint: setup
 	$(BIN)/ruff check shmrpc backends tests bench

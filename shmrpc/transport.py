@@ -9,9 +9,9 @@ engine encoded) plus a list of buffers, and the transport alone decides how each
 (copied through a ring, sent with scatter/gather I/O, or passed as a CUDA IPC handle).
 
 Receiving is pulled, not pushed, so the engine can run a request on the very thread that read
-it (no thread-pool hop): one engine thread at a time blocks in :meth:`Transport.wait`, and any
-thread may call :meth:`Transport.poll`, which hands complete messages to
-:meth:`TransportHost.deliver` on the calling thread.
+it (no thread-pool hop): engine threads block in :meth:`Transport.wait`, and any thread may
+call :meth:`Transport.poll`, which hands complete messages to :meth:`TransportHost.deliver`
+on the calling thread.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ class Transport(abc.ABC):
 
     Threading contract: ``send`` may be called from any thread concurrently; ``poll`` may be
     called from any thread and must never block for long (a transport keeps its reads
-    single-consumer itself); at most one thread at a time is inside ``wait``.
+    single-consumer itself); several threads may block in ``wait`` at once, and each calls
+    ``poll`` when it returns, so a wake-up consumed by any of them is never lost.
     """
 
     #: Name under which the transport is registered and addresses are published.
