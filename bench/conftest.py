@@ -35,8 +35,9 @@ def _init(stack: str, rank: int, init_method: str) -> ModuleType:
         rpc.init_rpc(f"worker{rank}", rank=rank, world_size=2, rpc_backend_options=options)
     else:
         options = rpc.RpcBackendOptions(init_method=init_method, rpc_timeout=120)
-        rpc.init_rpc(f"worker{rank}", backend=stack, rank=rank, world_size=2,
-                     rpc_backend_options=options)  # fmt: skip
+        rpc.init_rpc(
+            f"worker{rank}", backend=stack, rank=rank, world_size=2, rpc_backend_options=options
+        )
     return rpc
 
 

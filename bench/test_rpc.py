@@ -30,8 +30,13 @@ def test_rpc_sync_latency(benchmark, rpc_world, size):
     benchmark.extra_info.update(stack=stack, bytes=SIZES[size])
     tensor = torch.ones(SIZES[size] // 4)
     rounds, warmup = ROUNDS[size]
-    benchmark.pedantic(rpc.rpc_sync, args=("worker1", noop, (tensor,)), rounds=rounds,
-                       warmup_rounds=warmup, iterations=1)  # fmt: skip
+    benchmark.pedantic(
+        rpc.rpc_sync,
+        args=("worker1", noop, (tensor,)),
+        rounds=rounds,
+        warmup_rounds=warmup,
+        iterations=1,
+    )
 
 
 def test_rpc_async_throughput(benchmark, rpc_world):

@@ -42,6 +42,7 @@ from .api import _all_gather as _all_gather  # noqa: E402
 from .api import _barrier as _barrier  # noqa: E402
 from .api import _get_current_rpc_agent as _get_current_rpc_agent  # noqa: E402
 from .api import _get_debug_info as _get_debug_info  # noqa: E402
+from .api import _rref_context_get_debug_info as _rref_context_get_debug_info  # noqa: E402
 from .api import _set_rpc_timeout as _set_rpc_timeout  # noqa: E402
 from .api import _wait_all as _wait_all  # noqa: E402
 from .api import _wait_all_workers as _wait_all_workers  # noqa: E402
@@ -49,6 +50,7 @@ from .api import (  # noqa: E402
     get_rpc_timeout,
     get_worker_info,
     init_rpc,
+    remote,
     rpc_async,
     rpc_sync,
     shutdown,
@@ -62,6 +64,7 @@ from .constants import (  # noqa: E402
 )
 from .errors import MessageTooLargeError, PeerLostError, RpcTimeoutError  # noqa: E402
 from .options import BackendType, RpcBackendOptions, TensorPipeRpcBackendOptions  # noqa: E402
+from .rref import PyRRef, RRef  # noqa: E402
 from .transport import register_transport  # noqa: E402
 from .worker_info import WorkerInfo  # noqa: E402
 
@@ -79,6 +82,8 @@ __all__ = [
     "BackendType",
     "MessageTooLargeError",
     "PeerLostError",
+    "PyRRef",
+    "RRef",
     "RpcBackendOptions",
     "RpcTimeoutError",
     "TensorPipeRpcBackendOptions",
@@ -89,6 +94,7 @@ __all__ = [
     "init_rpc",
     "is_available",
     "register_transport",
+    "remote",
     "rpc_async",
     "rpc_sync",
     "shutdown",

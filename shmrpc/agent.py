@@ -25,6 +25,7 @@ from .deadlines import Deadlines
 from .dispatcher import Dispatcher
 from .envelope import HEADER_SIZE, Envelope, Flag, Kind, decode, encode
 from .errors import (
+    DescribedError,
     MessageTooLargeError,
     PeerLostError,
     RpcTimeoutError,
@@ -35,7 +36,7 @@ from .serialization import Pickled, Serializer
 from .transport import Message, Transport, allocate_buffer
 from .worker_info import WorkerInfo
 
-__all__ = ["Inbound", "Later", "RpcAgent"]
+__all__ = ["Inbound", "Later", "RpcAgent", "failed_future"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,18 @@ class Inbound:
     peer: int
     envelope: Envelope
     waits: list[torch.futures.Future[Any]] = dataclasses.field(default_factory=list)
+
+
+def failed_future(error: BaseException) -> torch.futures.Future[Any]:
+    """A future already failed with ``error``.
+
+    The traceback is dropped: it references the frames that made the future, a torch Future
+    keeps its exception in C++ where Python's GC cannot see it, and the cycle future →
+    exception → traceback → frame → future would never be collected.
+    """
+    future: torch.futures.Future[Any] = torch.futures.Future()
+    future.set_exception(error.with_traceback(None))
+    return future
 
 
 class Later:
@@ -274,9 +287,7 @@ class RpcAgent:
         try:
             call = self._start(to, kind, payload, timeout, flags, sync=False)
         except (PeerLostError, RpcTimeoutError) as error:
-            failed: torch.futures.Future[Any] = torch.futures.Future()
-            failed.set_exception(error)
-            return failed
+            return failed_future(error)
         assert call.future is not None
         return call.future
 
@@ -318,14 +329,16 @@ class RpcAgent:
             raise
         return call
 
-    def _await(self, call: _Call, timeout: float, to: WorkerInfo,
-               extra_spin: float) -> Message | BaseException:  # fmt: skip
+    def _await(
+        self, call: _Call, timeout: float, to: WorkerInfo, extra_spin: float
+    ) -> Message | BaseException:
         """Wait for a synchronous call's reply (the dispatcher spins, then blocks)."""
         latch = call.latch
         assert latch is not None
         extra_spin = min(extra_spin, _MAX_EXTRA_SPIN)
-        if not self._dispatcher.wait_reply(lambda: call.reply is not None, latch, timeout,
-                                           extra_spin):  # fmt: skip
+        if not self._dispatcher.wait_reply(
+            lambda: call.reply is not None, latch, timeout, extra_spin
+        ):
             if self._take(call.request_id) is not None:
                 raise RpcTimeoutError.after(timeout, f"call to {to.name}")
             latch.acquire()  # the reply raced the timeout; it is being handed over
@@ -483,7 +496,12 @@ class RpcAgent:
         try:
             value = future.value()
         except BaseException as exc:
-            self._finish(inbound, internal, error=exc)
+            try:
+                self._finish(inbound, internal, error=exc)
+            finally:
+                # The future keeps exc in C++, out of the GC's sight; a traceback through this
+                # frame (which holds the future) would make a cycle that is never freed.
+                exc.__traceback__ = None
         else:
             self._finish(inbound, internal, value=value)
 
@@ -505,7 +523,9 @@ class RpcAgent:
                     exc.add_note("shmrpc: could not serialize the return value")
                     error = exc
             if error is not None:
-                if isinstance(error, Exception):
+                if isinstance(error, DescribedError):
+                    remote = error.description
+                elif isinstance(error, Exception):
                     remote = describe_exception(error, self.worker_info)
                     print(remote[2], file=sys.stderr)  # torch prints remote errors on the callee
                 else:  # SystemExit, KeyboardInterrupt in a UDF: report, keep the worker alive

@@ -13,8 +13,9 @@ from typing import Any, ParamSpec, TypeVar
 
 import torch
 
+from . import rref as _rref_module
 from .agent import RpcAgent
-from .bootstrap import start_agent
+from .bootstrap import World, start_agent
 from .constants import (
     BACKEND_ENV_VAR,
     DEFAULT_BACKEND,
@@ -23,12 +24,14 @@ from .constants import (
 )
 from .errors import NOT_INITIALIZED
 from .options import BackendType, RpcBackendOptions
+from .rref import RRef
 from .worker_info import WorkerInfo, check_worker_name
 
 __all__ = [
     "get_rpc_timeout",
     "get_worker_info",
     "init_rpc",
+    "remote",
     "rpc_async",
     "rpc_sync",
     "shutdown",
@@ -39,8 +42,13 @@ logger = logging.getLogger(__name__)
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
+_world: World | None = None
 _agent: RpcAgent | None = None
 _agent_lock = threading.RLock()
+#: torch's switch: when False, graceful shutdown raises on RRefs still counted.
+_ignore_rref_leak = True
+#: Longest a graceful shutdown waits for owners here to be released, even with timeout=0.
+_RREF_DELETION_LIMIT = 100.0
 _default_timeout: float = 60.0
 _thread_local = threading.local()
 
@@ -84,7 +92,7 @@ def init_rpc(
     :class:`BackendType`, or the name of a backend registered under the ``shmrpc.backends``
     entry point group; ``None`` reads ``$SHMRPC_BACKEND`` and falls back to ``auto``.
     """
-    global _agent, _default_timeout
+    global _world, _agent, _default_timeout
     check_worker_name(name)
     backend_name = _backend_name(backend)
     if rpc_backend_options is None:
@@ -98,9 +106,12 @@ def init_rpc(
     with _agent_lock:
         if _agent is not None:
             raise RuntimeError("RPC is already initialized")
-        agent = start_agent(name, rank, world_size, backend_name, rpc_backend_options)
         _default_timeout = rpc_backend_options.rpc_timeout
-        _agent = agent
+        world = start_agent(
+            name, rank, world_size, backend_name, rpc_backend_options, get_rpc_timeout
+        )
+        _world, _agent = world, world.agent
+        _rref_module._set_context(world.rrefs)
 
 
 def _resolve_timeout(timeout: float) -> float:
@@ -177,6 +188,27 @@ def rpc_async(
     return future
 
 
+@_require_initialized
+def remote(
+    to: WorkerInfo | str | int,
+    func: Callable[..., Any],
+    args: tuple[Any, ...] | list[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    timeout: float = UNSET_RPC_TIMEOUT,
+) -> RRef[Any]:
+    """Start ``func(*args, **kwargs)`` on worker ``to``; return an RRef to its result at once.
+
+    The result stays on ``to`` (its owner) as long as any worker holds a reference to it. If
+    the owner does not confirm the creation within ``timeout``, using the RRef raises.
+    """
+    _check_call(func)
+    dst = _to_worker_info(to)
+    assert _world is not None
+    return _world.rrefs.remote(
+        dst, func, tuple(args or ()), dict(kwargs or {}), _resolve_timeout(timeout)
+    )
+
+
 @contextlib.contextmanager
 def _wait_all() -> Iterator[None]:
     """Collect the futures of rpc_async calls made in the block and wait for them on exit."""
@@ -221,24 +253,55 @@ def _wait_all_workers(timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> None:
 def shutdown(graceful: bool = True, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> None:
     """Stop this worker's agent.
 
-    Graceful: first wait until every worker has called shutdown and no worker has work
-    outstanding (this worker keeps serving meanwhile), then stop. ``timeout`` bounds that wait
-    in seconds; 0 waits as long as it takes, but a peer that dies fails it promptly. The local
-    agent is stopped and its resources released in every case.
+    Graceful: first wait until every worker has called shutdown (this worker keeps serving
+    meanwhile), release this worker's RRefs and wait for the owners here to be released, wait
+    until no worker has work outstanding, then stop. ``timeout`` bounds that wait in seconds;
+    0 waits as long as it takes, but a peer that dies fails it promptly. The local agent is
+    stopped and its resources released in every case.
     """
-    global _agent
-    agent = _current_agent()
+    global _world, _agent
+    world = _world
+    assert world is not None
     try:
         if graceful:
-            budget = timeout if timeout > 0 else None
-            deadline = None if budget is None else time.monotonic() + budget
+            deadline = None if timeout <= 0 else time.monotonic() + timeout
             _wait_all_workers(timeout)
-            agent.join(None if deadline is None else max(0.001, deadline - time.monotonic()))
+            remaining = _remaining(deadline)
+            _delete_all_user_and_unforked_owner_rrefs(
+                _RREF_DELETION_LIMIT if remaining is None else remaining
+            )
+            world.agent.join(_remaining(deadline))
     finally:
         with _agent_lock:
-            if _agent is agent:
-                _agent = None
-        agent.stop()
+            if _world is world:
+                _world, _agent = None, None
+                _rref_module._set_context(None)
+        world.rrefs.close()
+        world.agent.stop()
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.001, deadline - time.monotonic())
+
+
+@_require_initialized
+def _delete_all_user_and_unforked_owner_rrefs(timeout: float | None = 100.0) -> None:
+    """Release this worker's user RRefs, then wait until its owners are released elsewhere."""
+    assert _world is not None
+    rrefs = _world.rrefs
+    rrefs.delete_all_users(timeout)
+    leaks = rrefs.leaks()
+    if leaks:
+        text = "Detected RRef Leaks during shutdown. " + "; ".join(leaks)
+        if not _ignore_rref_leak:
+            raise RuntimeError(text)
+        logger.warning(text)
+
+
+@_require_initialized
+def _rref_context_get_debug_info() -> dict[str, str]:
+    assert _world is not None
+    return _world.rrefs.debug_info()
 
 
 def _get_current_rpc_agent() -> RpcAgent:
@@ -246,4 +309,5 @@ def _get_current_rpc_agent() -> RpcAgent:
 
 
 def _get_debug_info() -> dict[str, str]:
-    return dict(_current_agent().get_debug_info())
+    assert _world is not None
+    return {**_world.agent.get_debug_info(), **_world.rrefs.debug_info()}

@@ -7,17 +7,20 @@ addresses they exchanged. Anything that fails on the way releases what was alrea
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from .agent import RpcAgent
 from .options import RpcBackendOptions
 from .rendezvous import Rendezvous
+from .rref_context import RRefContext
 from .transport import Message, Transport, TransportConfig, resolve_backend
 from .worker_info import WorkerInfo
 
-__all__ = ["start_agent"]
+__all__ = ["World", "start_agent"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +51,23 @@ class _ForwardingHost:
             agent.peer_lost(peer, error)
 
 
+@dataclasses.dataclass
+class World:
+    """What init_rpc leaves running in this process."""
+
+    agent: RpcAgent
+    rrefs: RRefContext
+    rendezvous: Rendezvous  # keeps rank 0's TCPStore server alive
+
+
 def start_agent(
-    name: str, rank: int, world_size: int | None, backend: str, options: RpcBackendOptions
-) -> RpcAgent:
+    name: str,
+    rank: int,
+    world_size: int | None,
+    backend: str,
+    options: RpcBackendOptions,
+    default_timeout: Callable[[], float],
+) -> World:
     timeout = options.rpc_timeout or _NO_TIMEOUT_INIT
     classes = resolve_backend(backend)
     rendezvous = Rendezvous(
@@ -69,6 +86,7 @@ def start_agent(
     host = _ForwardingHost()
     transports: list[Transport] = []
     agent: RpcAgent | None = None
+    rrefs: RRefContext | None = None
     try:
         for cls in classes:
             transports.append(cls(config, host))
@@ -89,6 +107,7 @@ def start_agent(
             spin_seconds=options.spin_us * 1e-6,
             max_message_size=options.max_message_size,
         )
+        rrefs = RRefContext(agent, default_timeout)  # its handlers exist before peers can call
         host.attach(agent)
         for t in used:
             t.connect(
@@ -101,6 +120,8 @@ def start_agent(
         agent.start()
         rendezvous.barrier("ready")
     except BaseException:
+        if rrefs is not None:
+            rrefs.close()
         if agent is not None:
             agent.stop()
         for t in transports:
@@ -109,8 +130,8 @@ def start_agent(
             except Exception:
                 logger.exception("shmrpc: cleanup of transport %s failed", t.name)
         raise
-    agent.rendezvous = rendezvous  # type: ignore[attr-defined]  # keeps rank 0's store alive
-    return agent
+    assert rrefs is not None
+    return World(agent, rrefs, rendezvous)
 
 
 def _worker_infos(records: list[dict[str, Any]]) -> list[WorkerInfo]:

@@ -61,8 +61,13 @@ def _median_round_trip(size: int, repeats: int) -> float:
 def _worker(rank: int, store_dir: str, default_backend: str, quick: bool, results: dict) -> None:
     plan = [("calls", default_backend), ("shm", "shm"), ("tcp", "tcp")]
     for tag, backend in plan:
-        rpc.init_rpc(f"worker{rank}", backend=backend, rank=rank, world_size=2,
-                     rpc_backend_options=_options(store_dir, tag))  # fmt: skip
+        rpc.init_rpc(
+            f"worker{rank}",
+            backend=backend,
+            rank=rank,
+            world_size=2,
+            rpc_backend_options=_options(store_dir, tag),
+        )
         if rank == 0:
             if tag == "calls":
                 _show_calls(backend)

@@ -16,6 +16,7 @@ from .transport import PeerLostError, TransportError
 
 __all__ = [
     "NOT_INITIALIZED",
+    "DescribedError",
     "PeerLostError",
     "RemoteError",
     "RpcTimeoutError",
@@ -40,6 +41,18 @@ class RpcTimeoutError(RuntimeError, TimeoutError):
 
 class MessageTooLargeError(RuntimeError, ValueError):
     """A message is larger than the ``max_message_size`` the options allow."""
+
+
+class DescribedError(Exception):
+    """An error whose description for the caller was made when it happened.
+
+    The owner of an RRef keeps a failed remote() this way: the exception without its
+    traceback (tracebacks pin frames), and the description with it, sent on every fetch.
+    """
+
+    def __init__(self, description: tuple[str, str, str]) -> None:
+        super().__init__(description[2])
+        self.description = description
 
 
 # --------------------------------------------------------------------------------------------

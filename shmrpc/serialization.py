@@ -172,7 +172,6 @@ class Serializer:
             file = local.file
             file.seek(0)
             file.truncate()
-            pickler.clear_memo()
         sending = _Sending(self._reducers)
         outer = getattr(_state, "sending", None)
         _state.sending = sending
@@ -183,6 +182,9 @@ class Serializer:
             pickler.dump(obj)
             data = file.getvalue()
         finally:
+            # The memo references everything just pickled: keeping it until the next dump
+            # would keep those objects (tensors, RRefs) alive on an idle thread.
+            pickler.clear_memo()
             _state.sending = outer
             if reused:
                 local.busy = False
