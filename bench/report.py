@@ -16,6 +16,15 @@ from pathlib import Path
 import torch
 
 STACKS = ("shm", "tcp", "tensorpipe")
+ORDER = [
+    "rpc_sync 0B",
+    "rpc_sync 1KiB",
+    "rpc_sync 1MiB",
+    "rpc_sync 16MiB",
+    "rpc_sync 64MiB",
+    "rpc_async x1000 pipelined",
+    "remote + to_here",
+]
 NONE, TIMES = "-", "x"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -34,6 +43,7 @@ def table(results: dict) -> str:
         if group not in order:
             order.append(group)
         rows[group][stack] = bench["stats"]["median"]
+    order.sort(key=lambda group: ORDER.index(group) if group in ORDER else len(ORDER))
     lines = [
         "| benchmark (median) | shm | tcp | TensorPipe | shm speed-up | tcp speed-up |",
         "|---|---:|---:|---:|---:|---:|",

@@ -11,3 +11,7 @@ def noop(*args: object) -> None:
 
 def echo(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def one() -> torch.Tensor:
+    return torch.ones(1)

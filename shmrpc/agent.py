@@ -45,6 +45,7 @@ _REPLY_KINDS = (int(Kind.RESULT), int(Kind.ERROR))
 _CROSSING_RATE = 2e9
 _MAX_EXTRA_SPIN = 0.002
 _INTERNAL = Flag.INTERNAL
+_NO_REPLY = Flag.NO_REPLY
 _REQUEST_ID_AT = 8  # byte offset of the request id in the envelope
 
 
@@ -98,13 +99,24 @@ Handler = Callable[[Inbound, Any], Any]
 class _Call:
     """An outstanding request: how its reply reaches whoever waits for it."""
 
-    __slots__ = ("future", "internal", "latch", "peer", "reply", "request_id", "size", "timer")
+    __slots__ = (
+        "future",
+        "internal",
+        "latch",
+        "peer",
+        "quick",
+        "reply",
+        "request_id",
+        "size",
+        "timer",
+    )
 
     def __init__(self, request_id: int, peer: int, internal: bool, size: int) -> None:
         self.request_id = request_id
         self.peer = peer
         self.internal = internal
         self.size = size  # bytes of buffers the request carries
+        self.quick = False  # the future's callbacks are quick engine code
         self.future: torch.futures.Future[Any] | None = None
         self.latch: threading.Lock | None = None
         self.reply: Message | BaseException | None = None
@@ -277,22 +289,43 @@ class RpcAgent:
         return value
 
     def request_async(
-        self, to: WorkerInfo, kind: int, payload: Any, timeout: float, flags: int = 0
+        self,
+        to: WorkerInfo,
+        kind: int,
+        payload: Any,
+        timeout: float,
+        flags: int = 0,
+        quick: bool = False,
     ) -> torch.futures.Future[Any]:
         """Send a request; its reply completes the returned future.
 
         Mistakes of the caller (unpicklable payload, message too large) raise here; failures
-        of the peer or the wire complete the future with an error.
+        of the peer or the wire complete the future with an error. ``quick``: the future's
+        callbacks are short engine code, fine to run on whichever thread got the reply.
         """
         try:
-            call = self._start(to, kind, payload, timeout, flags, sync=False)
+            call = self._start(to, kind, payload, timeout, flags, sync=False, quick=quick)
         except (PeerLostError, RpcTimeoutError) as error:
             return failed_future(error)
         assert call.future is not None
         return call.future
 
+    def notify(self, to: WorkerInfo, kind: int, payload: Any) -> None:
+        """Send a one-way internal message (no reply); raises if it cannot be sent."""
+        pickled = self.serializer.dumps(payload)
+        header = encode(kind, 0, _INTERNAL | _NO_REPLY, pickled.table)
+        self._transmit(to.id, header, pickled, 0)
+
     def _start(
-        self, to: WorkerInfo, kind: int, payload: Any, timeout: float, flags: int, *, sync: bool
+        self,
+        to: WorkerInfo,
+        kind: int,
+        payload: Any,
+        timeout: float,
+        flags: int,
+        *,
+        sync: bool,
+        quick: bool = False,
     ) -> _Call:
         if self._stopped:
             raise RuntimeError(f"RPC agent of {self.worker_info} was shut down")
@@ -303,6 +336,7 @@ class RpcAgent:
             raise
         internal = bool(flags & _INTERNAL)
         call = _Call(next(self._ids), to.id, internal, sum(b.numel() for b in pickled.buffers))
+        call.quick = quick
         if sync:
             call.latch = threading.Lock()
             call.latch.acquire()
@@ -405,9 +439,10 @@ class RpcAgent:
             else:
                 if call.timer is not None:
                     call.timer.cancel()
-                self._dispatcher.submit(self._complete, call, message)
+                submit = self._dispatcher.submit_quick if call.quick else self._dispatcher.submit
+                submit(self._complete, call, message)
             return
-        self._dispatcher.submit(self._serve, peer, message)
+        self._dispatcher.submit(self._serve, peer, message, request=True)
 
     def peer_lost(self, peer: int, error: BaseException) -> None:
         """TransportHost.peer_lost: fail everything waiting on ``peer``; refuse new calls."""
@@ -466,7 +501,9 @@ class RpcAgent:
             gate = torch.futures.collect_all(inbound.waits)
             inbound.waits = []
             gate.then(
-                lambda _: self._dispatcher.submit(self._run, entry[0], inbound, payload, internal)
+                lambda _: self._dispatcher.submit(
+                    self._run, entry[0], inbound, payload, internal, request=True
+                )
             )
             return
         self._run(entry[0], inbound, payload, internal)
@@ -514,6 +551,10 @@ class RpcAgent:
         error: BaseException | None = None,
     ) -> None:
         """Reply to ``inbound`` with ``value`` or ``error``."""
+        if inbound.envelope.flags & _NO_REPLY:
+            if error is not None:
+                logger.warning("shmrpc: notification %s failed: %s", inbound.envelope.kind, error)
+            return
         try:
             if error is None:
                 try:

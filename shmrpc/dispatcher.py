@@ -17,11 +17,12 @@ spinning in one process fight over the GIL. So:
   Before a listener starts work that would leave no free listener, it recruits an idle
   thread. Any thread that returns from ``wait`` polls before anything else, so a doorbell
   ring is never lost, whoever consumed it.
-* **One spinner.** A listener that just ran work spins briefly on cheap transports (a server
-  expecting the next request) before it blocks, but only while no other work runs and no
-  caller spins in this process (``wait_reply`` spins for sync callers). A spinning thread
-  holds the GIL: a thread waiting for it gets it only when the spin ends or after the 5 ms
-  switch interval, so every spin is short and bounded.
+* **One spinner.** A listener that just served a request spins briefly on cheap transports
+  (a server expecting the next one) before it blocks, but only while no other work runs and
+  no caller spins in this process (``wait_reply`` spins for sync callers). Completing a reply
+  is no reason to spin: the thread waiting for it is the one that will need the GIL. A
+  spinning thread holds the GIL: a thread waiting for it gets it only when the spin ends or
+  after the 5 ms switch interval, so every spin is short and bounded.
 
 At most ``num_threads`` work items run at once (torch's ``num_worker_threads``); two threads
 more per transport exist so a transport always has a free listener, even when every worker is
@@ -43,8 +44,9 @@ __all__ = ["Dispatcher"]
 
 logger = logging.getLogger(__name__)
 
-#: A unit of work: a callable and its arguments.
-Work = tuple[Callable[..., None], tuple[Any, ...]]
+#: A unit of work: a callable, its arguments, and whether it serves a request (after which a
+#: listener expects more requests and may spin; after completing a reply it must not).
+Work = tuple[Callable[..., None], tuple[Any, ...], bool]
 
 #: Longest single block inside Transport.wait; listeners re-check for shutdown after it.
 _WAIT_SLICE = 1.0
@@ -71,7 +73,7 @@ class Dispatcher:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._local = threading.local()
-        self._last_work = 0.0
+        self._last_request = 0.0  # when a request last finished running here
         self._spinners = 0
         self._spin_lock = threading.Lock()
 
@@ -109,17 +111,32 @@ class Dispatcher:
         return self._max_running - self._running
 
     # ------------------------------------------------------------------------------- intake
-    def submit(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn(*args)`` on a pool thread (a listener collects it into its batch)."""
+    def submit(self, fn: Callable[..., None], *args: Any, request: bool = False) -> None:
+        """Run ``fn(*args)`` on a pool thread (a listener collects it into its batch).
+
+        ``request``: the work serves a peer's request (see ``Work``).
+        """
         batch: list[Work] | None = getattr(self._local, "batch", None)
         if batch is not None:
-            batch.append((fn, args))
+            batch.append((fn, args, request))
             return
         with self._cond:
             if self._stopping:
                 return
-            self._enqueue([(fn, args)])
+            self._enqueue([(fn, args, request)])
             self._cond.notify()
+
+    def submit_quick(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)``: quick engine work that never blocks (no user code).
+
+        Unlike ``submit``, a caller spinning in ``wait_reply`` runs it itself (after its poll,
+        outside any transport lock) instead of waking a pool thread for it.
+        """
+        quick: list[Work] | None = getattr(self._local, "quick", None)
+        if quick is not None:
+            quick.append((fn, args, False))
+        else:
+            self.submit(fn, *args)
 
     def wait_reply(
         self, done: Callable[[], bool], latch: threading.Lock, timeout: float, extra_spin: float = 0
@@ -132,6 +149,9 @@ class Dispatcher:
         """
         cheap = self._cheap
         if cheap and self._spin and not done():
+            local = self._local
+            quick: list[Work] = []
+            outer, local.quick = getattr(local, "quick", None), quick
             with self._spin_lock:
                 self._spinners += 1
             for transport in cheap:
@@ -142,13 +162,20 @@ class Dispatcher:
                 while not done() and time.monotonic() < end:
                     for poll in polls:
                         poll()
+                    while quick:
+                        self._run_one(quick.pop(0))
             finally:
                 for transport in cheap:
                     transport.spin_end()
                 with self._spin_lock:
                     self._spinners -= 1
-            for transport in cheap:
-                transport.poll()  # what arrived while peers thought we were polling
+                try:
+                    for transport in cheap:
+                        transport.poll()  # what arrived while peers thought we were polling
+                finally:
+                    local.quick = outer
+                    while quick:
+                        self._run_one(quick.pop(0))
         if done():
             return True
         return latch.acquire(timeout=timeout if timeout > 0 else -1)
@@ -175,8 +202,12 @@ class Dispatcher:
             if transport is not None:
                 self._listen(transport)
             elif work is not None:
-                self._execute(work)
-                self._drain()
+                try:
+                    self._run_one(work)
+                    self._drain()
+                finally:
+                    with cond:
+                        self._running -= 1
 
     def _take(self) -> Work:
         """Pop queued work (caller holds the lock)."""
@@ -184,14 +215,13 @@ class Dispatcher:
         return self._queue.popleft()
 
     def _drain(self) -> None:
-        """Run queued work on this thread until the queue is empty."""
+        """Run queued work on this thread, in the slot it holds, until the queue is empty."""
         while True:
             with self._cond:
-                if not self._queue or self._stopping or self._running >= self._max_running:
+                if not self._queue or self._stopping:
                     return
                 work = self._take()
-                self._running += 1
-            self._execute(work)
+            self._run_one(work)
 
     def _watch_backlog(self) -> None:
         """Call in idle helpers when queued work stalls (its takers are blocked)."""
@@ -217,16 +247,15 @@ class Dispatcher:
                 return transport
         return None
 
-    def _execute(self, work: Work) -> None:
-        fn, args = work
+    def _run_one(self, work: Work) -> None:
+        fn, args, request = work
         try:
             fn(*args)
         except BaseException:
             logger.exception("shmrpc: unhandled error in %s", getattr(fn, "__qualname__", fn))
         finally:
-            self._last_work = time.monotonic()
-            with self._cond:
-                self._running -= 1
+            if request:
+                self._last_request = time.monotonic()
 
     def _listen(self, transport: Transport) -> None:
         """Poll ``transport`` and run what arrives, until this thread is not needed here."""
@@ -258,7 +287,7 @@ class Dispatcher:
             and self._spin > 0
             and not self._running
             and not self._spinners
-            and time.monotonic() - self._last_work < self._spin
+            and time.monotonic() - self._last_request < self._spin
         )
 
     def _spin_on(self, transport: Transport, batch: list[Work]) -> None:
@@ -290,11 +319,12 @@ class Dispatcher:
         local = self._local
         local.batch = None  # what the work itself receives goes to other threads
         try:
-            self._execute(work)
+            self._run_one(work)
             self._drain()
         finally:
             local.batch = batch
             with self._cond:
+                self._running -= 1
                 self._busy[transport] -= 1
                 listeners, busy = self._listeners[transport], self._busy[transport]
         return listeners <= _LISTENERS or listeners - busy <= 1

@@ -44,6 +44,8 @@ class Flag:
     #: Engine housekeeping (barriers, RRef bookkeeping): not counted as user work when the
     #: graceful shutdown waits for all outstanding work to finish.
     INTERNAL = 1
+    #: A one-way notification: the receiver runs its handler and sends no reply.
+    NO_REPLY = 2
 
 
 _HEADER = struct.Struct("<BBHIqqq")

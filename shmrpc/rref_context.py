@@ -57,6 +57,8 @@ CREATION_TIMED_OUT = (
     "node does not exist."
 )
 _RETRIES = 5  # control messages: attempts after a timeout (torch's RpcRetryOptions)
+#: The deleter waits this long after the first freed RRef, so one message carries many.
+_DELETION_BATCH_PAUSE = 0.01
 
 
 class Messenger(Protocol):
@@ -72,12 +74,20 @@ class Messenger(Protocol):
     ) -> None: ...
 
     def request_async(
-        self, to: WorkerInfo, kind: int, payload: Any, timeout: float, flags: int = 0
+        self,
+        to: WorkerInfo,
+        kind: int,
+        payload: Any,
+        timeout: float,
+        flags: int = 0,
+        quick: bool = False,
     ) -> torch.futures.Future[Any]: ...
 
     def request_sync(
         self, to: WorkerInfo, kind: int, payload: Any, timeout: float, flags: int = 0
     ) -> Any: ...
+
+    def notify(self, to: WorkerInfo, kind: int, payload: Any) -> None: ...
 
 
 class _OwnerState:
@@ -231,7 +241,7 @@ class RRefContext:
                 self._pending_users[fork_id] = rref
             self._watch_user(rref)
         future = self._agent.request_async(
-            to, Kind.REMOTE_CALL, (func, args, kwargs, rref_id, fork_id), timeout
+            to, Kind.REMOTE_CALL, (func, args, kwargs, rref_id, fork_id), timeout, quick=True
         )
         rref._creation = torch.futures.Future()
         future.add_done_callback(functools.partial(self._created, rref, fork_id))
@@ -332,7 +342,7 @@ class RRefContext:
             if parent == self.worker_id:
                 self._del_fork(rid, fid)  # the owner passed its RRef to itself
             else:
-                self._control(parent, Kind.RREF_CHILD_ACCEPT, fid)
+                self._notify(parent, Kind.RREF_CHILD_ACCEPT, fid)
             return RRef._make(self, owner, rid, None, state)
         rref = RRef._make(self, owner, rid, fid, None)
         if parent == owner:  # the owner registered this fork when it pickled it
@@ -364,12 +374,21 @@ class RRefContext:
             confirmed.set_exception(error)
             return
         self._confirm(rref)
-        self._control(parent, Kind.RREF_CHILD_ACCEPT, rref._fork_id)
+        self._notify(parent, Kind.RREF_CHILD_ACCEPT, rref._fork_id)
         confirmed.set_result(None)
 
     # -------------------------------------------------------------------- control messages
+    def _notify(self, to: int, kind: int, payload: Any) -> None:
+        """Send a one-way control message (child accepts, deletions: nobody waits for them)."""
+        try:
+            self._agent.notify(self.worker_info(to), kind, payload)
+        except PeerLostError:
+            pass  # the peer is gone: nothing left to tell it
+        except Exception as error:
+            logger.warning("shmrpc: RRef message %s to rank %s failed: %s", kind, to, error)
+
     def _control(self, to: int, kind: int, payload: Any) -> torch.futures.Future[Any]:
-        """Send an idempotent control message; retry it on timeouts."""
+        """Send an idempotent control message and expect an answer; retry on timeouts."""
         done: torch.futures.Future[Any] = torch.futures.Future()
         with self._lock:
             self._pending_control += 1
@@ -389,7 +408,7 @@ class RRefContext:
             self._control_done(done, error)
 
         future = self._agent.request_async(
-            to, kind, payload, self._default_timeout(), Flag.INTERNAL
+            to, kind, payload, self._default_timeout(), Flag.INTERNAL, quick=True
         )
         future.add_done_callback(answered)
 
@@ -403,16 +422,26 @@ class RRefContext:
             done.set_exception(error)
 
     def _send_deletions(self) -> None:
+        """Tell owners about freed user RRefs, in batches: one message per owner per round."""
         while True:
-            item = self._deletions.get()
-            if item is None:
-                return
-            owner, rref_id, fork_id = item
-            with self._lock:
-                self._confirmed.pop(fork_id, None)
-                self._finalizers.pop(fork_id, None)
+            items = [self._deletions.get()]
+            time.sleep(_DELETION_BATCH_PAUSE)  # let the round fill: RRefs often die in bulk
+            while not self._deletions.empty():
+                items.append(self._deletions.get())
+            by_owner: dict[int, list[tuple[GloballyUniqueId, GloballyUniqueId]]] = {}
+            for item in items:
+                if item is None:
+                    continue
+                owner, rref_id, fork_id = item
+                with self._lock:
+                    self._confirmed.pop(fork_id, None)
+                    self._finalizers.pop(fork_id, None)
+                by_owner.setdefault(owner, []).append((rref_id, fork_id))
             if not self._closed:
-                self._control(owner, Kind.RREF_USER_DELETE, (rref_id, fork_id))
+                for owner, forks in by_owner.items():
+                    self._notify(owner, Kind.RREF_USER_DELETE, forks)
+            if None in items:
+                return
 
     # ---------------------------------------------------------------------- owner handlers
     def _serve_remote_call(self, inbound: Inbound, payload: tuple[Any, ...]) -> Any:
@@ -469,9 +498,9 @@ class RRefContext:
         with self._lock:
             self._pending_children.pop(fork_id, None)
 
-    def _serve_user_delete(self, inbound: Inbound, ids: tuple[Any, Any]) -> None:
-        rref_id, fork_id = ids
-        self._del_fork(rref_id, fork_id)
+    def _serve_user_delete(self, inbound: Inbound, forks: list[tuple[Any, Any]]) -> None:
+        for rref_id, fork_id in forks:
+            self._del_fork(rref_id, fork_id)
 
     # ------------------------------------------------------------------------ RRef methods
     def local_value(self, rref: RRef[Any]) -> Any:
@@ -564,20 +593,13 @@ class RRefContext:
             finalizers, self._finalizers = self._finalizers, {}
         for finalizer in finalizers.values():
             finalizer.detach()
-        deletions = []
+        by_owner: dict[int, list[tuple[GloballyUniqueId, GloballyUniqueId | None]]] = {}
         for rref in users:
             if rref is not None and not rref._deleted:
                 rref._deleted = True
-                deletions.append(
-                    self._control(
-                        rref._owner, Kind.RREF_USER_DELETE, (rref._rref_id, rref._fork_id)
-                    )
-                )
-        for future in deletions:
-            try:
-                future.wait()
-            except Exception as error:
-                logger.debug("shmrpc: deleting a user RRef failed: %s", error)
+                by_owner.setdefault(rref._owner, []).append((rref._rref_id, rref._fork_id))
+        for owner, forks in by_owner.items():
+            self._notify(owner, Kind.RREF_USER_DELETE, forks)
         with self._lock:
             for rref_id in [r for r in self._owners if r not in self._forks]:
                 del self._owners[rref_id]  # never forked: nobody else can ask for it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 
 import pytest
@@ -179,7 +180,7 @@ def _peer_dies(rank, backend, init_method):
         return None
     if rank == 2:
         # keeps serving worker0 after worker1 is gone, then leaves without a barrier
-        time.sleep(3.0)
+        assert _may_leave.wait(60), "worker0 never said goodbye"
         rpc.shutdown(graceful=False)
         return None
     pending = rpc.rpc_async("worker1", sleep_then, (1, 20))
@@ -214,12 +215,20 @@ def _peer_dies(rank, backend, init_method):
         raise AssertionError("rpc_async to a dead worker succeeded")
     assert time.monotonic() - start < 2
     assert rpc.rpc_sync("worker2", add, (2, 3)) == 5, "the other peers keep working"
+    rpc.rpc_sync("worker2", let_leave)
     try:
         rpc.shutdown()  # graceful, but a peer is dead: fails promptly instead of hanging
     except RuntimeError as e:
         assert "worker1" in str(e) or "gone" in str(e), str(e)
         return "shutdown failed cleanly"
     return "shutdown succeeded"
+
+
+_may_leave = threading.Event()
+
+
+def let_leave():
+    _may_leave.set()
 
 
 def test_killed_peer(backend):

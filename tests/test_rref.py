@@ -497,7 +497,7 @@ def _owner_dies(rank, backend, init_method):
         time.sleep(30)  # killed before this ends
         return None
     if rank == 2:
-        time.sleep(4)
+        assert _may_leave.wait(60), "worker0 never said goodbye"
         rpc.shutdown(graceful=False)
         return None
     r = rpc.remote("worker1", make, (1,))
@@ -511,8 +511,16 @@ def _owner_dies(rank, backend, init_method):
     assert time.monotonic() - start < 5, "using an RRef of a dead owner must fail promptly"
     _expect(RuntimeError, rpc.rpc_sync, "worker2", to_here_plus, (r, 1), match="worker1")
     assert rpc.remote("worker2", make, (3,)).to_here()[0].item() == 3.0
+    rpc.rpc_sync("worker2", let_leave)
     rpc.shutdown(graceful=False)
     return "ok"
+
+
+_may_leave = threading.Event()
+
+
+def let_leave():
+    _may_leave.set()
 
 
 def test_owner_death(backend):
