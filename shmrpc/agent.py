@@ -36,7 +36,7 @@ from .serialization import Pickled, Serializer
 from .transport import Message, Transport, allocate_buffer
 from .worker_info import WorkerInfo
 
-__all__ = ["Inbound", "Later", "RpcAgent", "failed_future"]
+__all__ = ["CallFuture", "Inbound", "Later", "RpcAgent", "failed_future"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,35 @@ def failed_future(error: BaseException) -> torch.futures.Future[Any]:
     return future
 
 
+class CallFuture(torch.futures.Future[Any]):
+    """The future ``rpc_async`` returns: ``wait()`` polls for the reply before it blocks.
+
+    torch's own ``wait()`` blocks at once, and on an idle core a wake-up costs far more than
+    the round trip; polling first makes ``rpc_async(...).wait()`` as fast as ``rpc_sync``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._agent: RpcAgent | None = None
+        self._call: _Call | None = None
+
+    def wait(self) -> Any:
+        call, agent = self._call, self._agent
+        if call is not None and agent is not None and not self.done():
+            call.waiter = threading.get_ident()  # its reply completes on this thread
+            try:
+                agent._dispatcher.spin_until(self.done, call.size / _CROSSING_RATE)
+            finally:
+                call.waiter = 0
+        return super().wait()
+
+
+def _settled(call: _Call) -> None:
+    """The call's future is about to complete: drop its links back (no polling, no cycle)."""
+    if isinstance(call.future, CallFuture):
+        call.future._agent = call.future._call = None
+
+
 class Later:
     """A handler's result that is not ready yet: the reply goes out when ``future`` completes."""
 
@@ -109,6 +138,7 @@ class _Call:
         "request_id",
         "size",
         "timer",
+        "waiter",
     )
 
     def __init__(self, request_id: int, peer: int, internal: bool, size: int) -> None:
@@ -117,6 +147,7 @@ class _Call:
         self.internal = internal
         self.size = size  # bytes of buffers the request carries
         self.quick = False  # the future's callbacks are quick engine code
+        self.waiter = 0  # ident of a thread spinning in CallFuture.wait for this call
         self.future: torch.futures.Future[Any] | None = None
         self.latch: threading.Lock | None = None
         self.reply: Message | BaseException | None = None
@@ -341,7 +372,9 @@ class RpcAgent:
             call.latch = threading.Lock()
             call.latch.acquire()
         else:
-            call.future = torch.futures.Future()
+            future = CallFuture()
+            future._agent, future._call = self, call
+            call.future = future
         self._calls[call.request_id] = call
         if not internal:
             with self._stats_lock:
@@ -400,6 +433,7 @@ class RpcAgent:
             if call.timer is not None:
                 call.timer.cancel()
             assert call.future is not None
+            _settled(call)
             self._dispatcher.submit(call.future.set_exception, error)
 
     # -------------------------------------------------------------------------- the wire
@@ -439,7 +473,8 @@ class RpcAgent:
             else:
                 if call.timer is not None:
                     call.timer.cancel()
-                submit = self._dispatcher.submit_quick if call.quick else self._dispatcher.submit
+                own = call.quick or call.waiter == threading.get_ident()
+                submit = self._dispatcher.submit_quick if own else self._dispatcher.submit
                 submit(self._complete, call, message)
             return
         self._dispatcher.submit(self._serve, peer, message, request=True)
@@ -475,6 +510,7 @@ class RpcAgent:
     def _complete(self, call: _Call, message: Message) -> None:
         ok, value = self._decode_reply(message)
         assert call.future is not None
+        _settled(call)
         if ok:
             call.future.set_result(value)
         else:

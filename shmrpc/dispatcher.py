@@ -143,42 +143,50 @@ class Dispatcher:
     ) -> bool:
         """Wait until ``done()``; ``latch`` is released when it is. False on timeout.
 
-        Spins on the cheap transports first (the reply usually arrives within microseconds,
-        and polling delivers it on this very thread), then blocks on ``latch``. ``extra_spin``
-        lengthens the spin for requests whose bytes take a while to cross.
+        Spins first (see ``spin_until``), then blocks on ``latch``.
         """
-        cheap = self._cheap
-        if cheap and self._spin and not done():
-            local = self._local
-            quick: list[Work] = []
-            outer, local.quick = getattr(local, "quick", None), quick
-            with self._spin_lock:
-                self._spinners += 1
-            for transport in cheap:
-                transport.spin_begin()
-            try:
-                polls = [t.poll for t in cheap]
-                end = time.monotonic() + self._spin + extra_spin
-                while not done() and time.monotonic() < end:
-                    for poll in polls:
-                        poll()
-                    while quick:
-                        self._run_one(quick.pop(0))
-            finally:
-                for transport in cheap:
-                    transport.spin_end()
-                with self._spin_lock:
-                    self._spinners -= 1
-                try:
-                    for transport in cheap:
-                        transport.poll()  # what arrived while peers thought we were polling
-                finally:
-                    local.quick = outer
-                    while quick:
-                        self._run_one(quick.pop(0))
-        if done():
+        if self.spin_until(done, extra_spin):
             return True
         return latch.acquire(timeout=timeout if timeout > 0 else -1)
+
+    def spin_until(self, done: Callable[[], bool], extra_spin: float = 0) -> bool:
+        """Poll the cheap transports until ``done()`` or the spin budget is spent.
+
+        A reply usually arrives within microseconds, and polling delivers it on this very
+        thread. ``extra_spin`` lengthens the spin for requests whose bytes take a while to
+        cross. Returns ``done()``.
+        """
+        cheap = self._cheap
+        if not cheap or not self._spin or done():
+            return done()
+        local = self._local
+        quick: list[Work] = []
+        outer, local.quick = getattr(local, "quick", None), quick
+        with self._spin_lock:
+            self._spinners += 1
+        for transport in cheap:
+            transport.spin_begin()
+        try:
+            polls = [t.poll for t in cheap]
+            end = time.monotonic() + self._spin + extra_spin
+            while not done() and time.monotonic() < end:
+                for poll in polls:
+                    poll()
+                while quick:
+                    self._run_one(quick.pop(0))
+        finally:
+            for transport in cheap:
+                transport.spin_end()
+            with self._spin_lock:
+                self._spinners -= 1
+            try:
+                for transport in cheap:
+                    transport.poll()  # what arrived while peers thought we were polling
+            finally:
+                local.quick = outer
+                while quick:
+                    self._run_one(quick.pop(0))
+        return done()
 
     # ------------------------------------------------------------------------------ threads
     def _run(self) -> None:

@@ -430,16 +430,17 @@ class RRefContext:
                 items.append(self._deletions.get())
             by_owner: dict[int, list[tuple[GloballyUniqueId, GloballyUniqueId]]] = {}
             for item in items:
-                if item is None:
-                    continue
-                owner, rref_id, fork_id = item
-                with self._lock:
-                    self._confirmed.pop(fork_id, None)
-                    self._finalizers.pop(fork_id, None)
-                by_owner.setdefault(owner, []).append((rref_id, fork_id))
+                if item is not None:
+                    owner, rref_id, fork_id = item
+                    by_owner.setdefault(owner, []).append((rref_id, fork_id))
             if not self._closed:
                 for owner, forks in by_owner.items():
                     self._notify(owner, Kind.RREF_USER_DELETE, forks)
+            with self._lock:  # only now: a dead finalizer still listed is a pending deletion
+                for forks in by_owner.values():
+                    for _, fork_id in forks:
+                        self._confirmed.pop(fork_id, None)
+                        self._finalizers.pop(fork_id, None)
             if None in items:
                 return
 
@@ -641,6 +642,10 @@ class RRefContext:
                 "num_pending_futures": str(self._pending_control),
                 "num_pending_users": str(len(self._pending_users)),
                 "num_forks": str(sum(len(forks) for forks in self._forks.values())),
+                # not in torch: user RRefs freed here whose owners have not been told yet
+                "num_pending_deletions": str(
+                    sum(not finalizer.alive for finalizer in self._finalizers.values())
+                ),
             }
 
 

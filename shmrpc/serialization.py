@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import copyreg
+import ctypes
 import dataclasses
 import io
 import pickle
@@ -36,6 +37,9 @@ __all__ = ["Pickled", "Serializer"]
 _ALIGN = 64
 #: Protocol-5 buffers smaller than this stay in the pickle stream (cheaper than a buffer).
 _MIN_OUT_OF_BAND = 4096
+#: CPU storages up to this size travel inside the pickle: cheaper than a tensor table entry
+#: and a separate buffer for the scalars and small vectors most calls carry.
+_INLINE_STORAGE = 8192
 
 # dtypes travel as small integer codes: positions in this list, which only ever grows at the
 # end, so workers on different torch versions agree. dtypes missing here travel inline.
@@ -84,12 +88,26 @@ class Pickled:
 class _Sending:
     """What one dumps() collects while the pickler runs."""
 
-    __slots__ = ("buffers", "reducers", "tensors")
+    __slots__ = ("buffers", "inline", "reducers", "tensors")
 
     def __init__(self, reducers: dict[type, tuple[str, Reducer]]) -> None:
         self.reducers = reducers
         self.tensors: list[torch.Tensor] = []
         self.buffers: list[torch.Tensor] = []
+        self.inline: dict[int, _InlineStorage] = {}  # data_ptr -> storage pickled inline
+
+
+class _InlineStorage:
+    """A small storage's bytes. One object per storage and message, so pickle's memo makes
+    every tensor of the message that views this storage share one rebuilt storage."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_storage_from_bytes, (self.data,))
 
 
 class _Receiving:
@@ -147,7 +165,8 @@ class Serializer:
         if self._copyreg_size != len(copyreg.dispatch_table):
             table: dict[type, Callable[[Any], Any]] = dict(copyreg.dispatch_table)
             table[torch.Tensor] = _reduce_tensor
-            table[torch._C.Future] = table[torch.futures.Future] = _refuse_future
+            for future_type in _subclasses(torch._C.Future):
+                table[future_type] = _refuse_future
             table.update({cls: _reduce_registered for cls in self._reducers})
             self._dispatch = table
             self._copyreg_size = len(copyreg.dispatch_table)
@@ -223,6 +242,18 @@ class Serializer:
 # ------------------------------------------------------------------------------ reducers
 
 
+def _subclasses(cls: type) -> list[type]:
+    found: list[type] = [cls]
+    todo: list[type] = [cls]
+    while todo:
+        sub: type
+        for sub in todo.pop().__subclasses__():
+            if sub not in found:
+                found.append(sub)
+                todo.append(sub)
+    return found
+
+
 def _refuse_future(obj: Any) -> Any:
     raise RuntimeError("Can not pickle torch.futures.Future")
 
@@ -249,7 +280,18 @@ def _reduce_tensor(t: torch.Tensor) -> Any:
     if not t.numel():  # nothing to send out of band
         args = (tuple(t.shape), t.stride(), _DTYPE_CODE[t.dtype], t.requires_grad, t.get_device())
         return (_rebuild_empty, args)
-    tensors = _state.sending.tensors
+    sending: _Sending = _state.sending
+    if t.is_cpu:
+        storage = t.untyped_storage()
+        nbytes = storage.nbytes()
+        if nbytes <= _INLINE_STORAGE:
+            ptr = storage.data_ptr()
+            inline = sending.inline.get(ptr)
+            if inline is None:
+                inline = sending.inline[ptr] = _InlineStorage(ctypes.string_at(ptr, nbytes))
+            view = (t.storage_offset(), tuple(t.shape), t.stride(), _DTYPE_CODE[t.dtype])
+            return (_rebuild_inline, (inline, *view, t.requires_grad))
+    tensors = sending.tensors
     tensors.append(t)
     return (_rebuild_tensor, (len(tensors) - 1,))
 
@@ -333,6 +375,26 @@ def _rebuild_tensor(index: int) -> torch.Tensor:
     start = blob.storage_offset() + offset
     t = torch.empty(0, dtype=dtype, device=blob.device)
     t.set_(blob.untyped_storage(), start // dtype.itemsize, shape, stride)
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+def _storage_from_bytes(data: bytes) -> torch.Tensor:
+    """A private, writable copy of an inline storage (value semantics), as a uint8 tensor."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _rebuild_inline(
+    holder: torch.Tensor,
+    offset: int,
+    shape: tuple[int, ...],
+    stride: tuple[int, ...],
+    code: int,
+    requires_grad: bool,
+) -> torch.Tensor:
+    t = torch.empty(0, dtype=_dtype(code))
+    t.set_(holder.untyped_storage(), offset, shape, stride)
     if requires_grad:
         t.requires_grad_(True)
     return t

@@ -19,19 +19,29 @@ def round_trip(obj, serializer=None):
     return serializer.loads(pickled.data, pickled.table, received), pickled
 
 
-def test_tensors_travel_out_of_band():
-    t = torch.randn(1000)
+def test_large_tensors_travel_out_of_band():
+    t = torch.randn(100_000)
     back, pickled = round_trip(t)
     assert torch.equal(back, t)
     assert len(pickled.data) < 200, "tensor bytes must not be inside the pickle"
-    assert [b.numel() for b in pickled.buffers] == [4000]
+    assert [b.numel() for b in pickled.buffers] == [400_000]
 
 
-def test_views_strides_offsets_and_sharing():
-    base = torch.arange(64.0)
-    a, b, c = base[3:20], base[10:50:4], torch.arange(12.0).reshape(3, 4).t()
+def test_small_tensors_travel_inline():
+    t = torch.randn(100)
+    back, pickled = round_trip(t)
+    assert torch.equal(back, t) and not pickled.buffers
+    assert back.data_ptr() != t.data_ptr(), "the receiver gets its own copy"
+    back.add_(1)
+    assert not torch.equal(back, t)
+
+
+@pytest.mark.parametrize("n", [64, 100_000])  # inline and out of band
+def test_views_strides_offsets_and_sharing(n):
+    base = torch.arange(float(n))
+    a, b, c = base[3:20], base[10:50:4], torch.arange(n * 1.0).reshape(-1, 4).t()
     (ra, rb, rc), pickled = round_trip((a, b, c))
-    assert len(pickled.buffers) == 2, "one buffer per storage"
+    assert len(pickled.buffers) == (0 if n == 64 else 2), "one buffer per large storage"
     assert torch.equal(ra, a) and torch.equal(rb, b) and torch.equal(rc, c)
     assert rb.stride() == (4,) and rc.stride() == (1, 4)
     assert ra.untyped_storage().data_ptr() == rb.untyped_storage().data_ptr()
@@ -39,8 +49,9 @@ def test_views_strides_offsets_and_sharing():
     assert rb[0].item() == -5
 
 
-def test_mixed_dtype_views_of_one_storage():
-    base = torch.arange(16, dtype=torch.int64)
+@pytest.mark.parametrize("n", [16, 100_000])
+def test_mixed_dtype_views_of_one_storage(n):
+    base = torch.arange(n, dtype=torch.int64)
     as_bytes = base.view(torch.uint8)[8:40]
     (x, y), _ = round_trip((base[1:], as_bytes))
     assert torch.equal(x, base[1:]) and torch.equal(y, as_bytes)
@@ -96,7 +107,7 @@ def test_refusals():
         Serializer().dumps([torch.futures.Future()])
     with pytest.raises(TypeError, match="pickle"):
         Serializer().dumps({"lock": threading.Lock()})
-    pickled = Serializer().dumps(torch.ones(2))
+    pickled = Serializer().dumps(torch.ones(100_000))  # out of band: needs its buffers
     with pytest.raises(pickle.UnpicklingError, match="only be unpickled by shmrpc"):
         pickle.loads(pickled.data)
 
