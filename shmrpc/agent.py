@@ -101,7 +101,8 @@ class CallFuture(torch.futures.Future[Any]):
         if call is not None and agent is not None and not self.done():
             call.waiter = threading.get_ident()  # its reply completes on this thread
             try:
-                agent._dispatcher.spin_until(self.done, call.size / _CROSSING_RATE)
+                if not agent._dispatcher.spin_until(self.done, call.size / _CROSSING_RATE):
+                    agent._dispatcher.before_block()
             finally:
                 call.waiter = 0
         return super().wait()

@@ -9,7 +9,9 @@ spinning in one process fight over the GIL. So:
   them itself, one after another (no hand-off), then returns to listening.
 * **Helpers only for blocked work.** Waking a thread per queued item would cost more than the
   item, so idle threads are called in only when work waits and no thread has taken any for
-  ``_STALL`` seconds, i.e. when the threads running work are blocked, not merely busy.
+  ``_STALL`` seconds, i.e. when the threads running work are blocked, not merely busy. A
+  watcher thread checks every ``_STALL`` while there is traffic, and sleeps when there is none
+  (so nothing wakes it per message).
 * **Two listeners, not a watchdog.** While a listener runs a request it is not polling, so a
   peer sending another message rings the doorbell, which wakes the spare listener blocked on
   it. A handler that blocks (``time.sleep``, a lock, a nested call) therefore never stalls
@@ -17,6 +19,14 @@ spinning in one process fight over the GIL. So:
   Before a listener starts work that would leave no free listener, it recruits an idle
   thread. Any thread that returns from ``wait`` polls before anything else, so a doorbell
   ring is never lost, whoever consumed it.
+* **A busy listener keeps the doorbell quiet.** A listener that found work on a cheap
+  transport keeps advertising that it polls (``Transport.spin_begin``) while it runs that
+  work, and polls again as soon as it is done: a message that arrives meanwhile waits
+  microseconds for it instead of waking the spare, which would cost a wake-up and then fight
+  the busy thread for the GIL at every torch call that releases it. The hold ends, and the
+  spare is woken (``interrupt``) to take over, as soon as the work blocks: at once when it
+  waits for a reply in the engine (``before_block``), after ``_STALL`` when it blocks in user
+  code (the watcher notices). So blocked work still never stalls other traffic for long.
 * **One spinner.** A listener that just served a request spins briefly on cheap transports
   (a server expecting the next one) before it blocks, but only while no other work runs and
   no caller spins in this process (``wait_reply`` spins for sync callers). Completing a reply
@@ -52,8 +62,22 @@ Work = tuple[Callable[..., None], tuple[Any, ...], bool]
 _WAIT_SLICE = 1.0
 #: Listeners a transport keeps when nothing is busy: one to run work, one spare.
 _LISTENERS = 2
-#: Queued work that no thread took up for this long calls in idle helpers.
+#: Queued work that no thread took up for this long calls in idle helpers; a listener that
+#: holds its doorbell quiet for this long hands it over to the spare.
 _STALL = 0.001
+#: The watcher stops checking after this long without traffic (the next traffic wakes it).
+_LINGER = 0.05
+
+
+class _Hold:
+    """A listener keeping its transport's doorbell quiet while it runs what it received."""
+
+    __slots__ = ("released", "since", "transport")
+
+    def __init__(self, transport: Transport, since: float) -> None:
+        self.transport = transport
+        self.since = since
+        self.released = False
 
 
 class Dispatcher:
@@ -76,6 +100,8 @@ class Dispatcher:
         self._last_request = 0.0  # when a request last finished running here
         self._spinners = 0
         self._spin_lock = threading.Lock()
+        self._holds: set[_Hold] = set()
+        self._watcher_parked = False  # the watcher waits for traffic (notify it) or patrols
 
     # ------------------------------------------------------------------------------ control
     def start(self, transports: Sequence[Transport]) -> None:
@@ -83,7 +109,7 @@ class Dispatcher:
         self._busy = dict.fromkeys(transports, 0)
         self._cheap = [t for t in transports if t.cheap_poll]
         targets = [self._run] * (self._max_running + _LISTENERS * len(transports))
-        for i, target in enumerate([*targets, self._watch_backlog]):
+        for i, target in enumerate([*targets, self._watch]):
             thread = threading.Thread(target=target, name=f"{self._name}-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -147,7 +173,15 @@ class Dispatcher:
         """
         if self.spin_until(done, extra_spin):
             return True
+        self.before_block()
         return latch.acquire(timeout=timeout if timeout > 0 else -1)
+
+    def before_block(self) -> None:
+        """The calling thread is about to block: if it is a listener keeping its doorbell
+        quiet, let the spare listener take over now."""
+        hold: _Hold | None = getattr(self._local, "hold", None)
+        if hold is not None:
+            self._release(hold, handover=True)
 
     def spin_until(self, done: Callable[[], bool], extra_spin: float = 0) -> bool:
         """Poll the cheap transports until ``done()`` or the spin budget is spent.
@@ -231,23 +265,63 @@ class Dispatcher:
                 work = self._take()
             self._run_one(work)
 
-    def _watch_backlog(self) -> None:
-        """Call in idle helpers when queued work stalls (its takers are blocked)."""
-        with self._cond:
+    def _watch(self) -> None:
+        """Call in help when work stalls: queued work that nobody takes up, or a listener
+        whose work blocks while it keeps its doorbell quiet."""
+        cond = self._cond
+        quiet_since = time.monotonic()
+        with cond:
             while not self._stopping:
-                if not self._queue:
-                    self._backlog.wait()
+                now = time.monotonic()
+                stalled = [h for h in self._holds if now - h.since >= _STALL]
+                if stalled:
+                    cond.release()
+                    try:
+                        for hold in stalled:
+                            self._release(hold, handover=True)
+                    finally:
+                        cond.acquire()
+                if self._queue and now - self._last_take >= _STALL:
+                    helpers = min(len(self._queue), self._max_running - self._running)
+                    if helpers:
+                        self._last_take = now  # give the helpers a moment to start
+                        cond.notify(helpers)
+                if self._queue or self._holds:
+                    quiet_since = now
+                elif now - quiet_since >= _LINGER:
+                    self._watcher_parked = True
+                    self._backlog.wait()  # until traffic: _enqueue or _hold notify
+                    self._watcher_parked = False
+                    quiet_since = time.monotonic()
                     continue
-                stalled = time.monotonic() - self._last_take
-                if stalled < _STALL:
-                    self._backlog.wait(_STALL - stalled)
-                    continue
-                helpers = min(len(self._queue), self._max_running - self._running)
-                if helpers:
-                    self._last_take = time.monotonic()  # give the helpers a moment to start
-                    self._cond.notify(helpers)
-                else:
-                    self._backlog.wait(_STALL)
+                self._backlog.wait(_STALL)
+
+    def _hold(self, transport: Transport) -> _Hold | None:
+        """Keep ``transport``'s doorbell quiet while this listener runs what it received."""
+        if not transport.cheap_poll:
+            return None
+        transport.spin_begin()
+        hold = _Hold(transport, time.monotonic())
+        with self._cond:
+            self._holds.add(hold)
+            if self._watcher_parked:
+                self._backlog.notify()
+        self._local.hold = hold
+        return hold
+
+    def _release(self, hold: _Hold | None, handover: bool) -> None:
+        """End ``hold`` (once, whoever gets here first); ``handover`` wakes a listener to
+        poll what arrived while the doorbell was quiet."""
+        if hold is None:
+            return
+        with self._cond:
+            if hold.released:
+                return
+            hold.released = True
+            self._holds.discard(hold)
+        hold.transport.spin_end()
+        if handover:
+            hold.transport.interrupt()
 
     def _needing_listener(self) -> Transport | None:
         for transport, count in self._listeners.items():
@@ -274,7 +348,16 @@ class Dispatcher:
             while not self._stopping:
                 transport.poll()  # also right after wait(): whoever woke handles the ring
                 if batch:
-                    if not self._run_received(transport, batch):
+                    hold = self._hold(transport)
+                    keep = False
+                    try:
+                        keep = self._run_received(transport, batch)
+                    finally:
+                        # Staying: the poll at the top of the loop sees what came meanwhile.
+                        # Leaving: someone else must look.
+                        self._release(hold, handover=not keep)
+                        local.hold = None
+                    if not keep:
                         return  # enough listeners without us: back to the pool
                 elif self._may_spin(transport):
                     self._spin_on(transport, batch)
@@ -342,6 +425,7 @@ class Dispatcher:
         if items:
             if not self._queue:
                 self._last_take = time.monotonic()  # the stall clock starts now
-                self._backlog.notify()
+                if self._watcher_parked:
+                    self._backlog.notify()
             self._queue.extend(items)
             items.clear()

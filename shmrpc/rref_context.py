@@ -299,6 +299,8 @@ class RRefContext:
         with self._lock:
             if (rref_id, fork_id) in self._tombstones:  # deleted before it arrived
                 self._tombstones.discard((rref_id, fork_id))
+                if rref_id not in self._forks:  # no other user: the state goes too
+                    self._owners.pop(rref_id, None)
                 return
             self._forks.setdefault(rref_id, set()).add(fork_id)
 

@@ -164,6 +164,38 @@ def test_blocking_udfs_run_in_parallel(world):
     world.run(_body_parallel_blocking_udfs)
 
 
+_event = threading.Event()
+
+
+def wait_for_event(timeout):
+    try:
+        return _event.wait(timeout)
+    finally:
+        _event.clear()
+
+
+def set_event():
+    _event.set()
+
+
+def _body_handler_blocked_in_user_code():
+    # The listener that runs wait_for_event blocks in user code while it keeps its doorbell
+    # quiet; set_event can only run if the spare listener is sent in. It should be within
+    # milliseconds; a listener's periodic shutdown check (1 s) would also get there, late.
+    for _ in range(3):
+        fut = rpc.rpc_async("worker1", wait_for_event, (30.0,))
+        time.sleep(0.05)  # it is blocked by now
+        start = time.monotonic()
+        rpc.rpc_sync("worker1", set_event)
+        waited = time.monotonic() - start
+        assert fut.wait() is True, "the second call waited for the blocked one"
+        assert waited < 0.5, f"the second call waited {waited:.2f} s for a free listener"
+
+
+def test_handler_blocked_in_user_code_does_not_stall_others(world):
+    world.run(_body_handler_blocked_in_user_code)
+
+
 def _body_async_execution():
     x, y, z = torch.ones(2), torch.ones(2) * 2, 3
     assert torch.equal(
