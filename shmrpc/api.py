@@ -92,7 +92,7 @@ def init_rpc(
     :class:`BackendType`, or the name of a backend registered under the ``shmrpc.backends``
     entry point group; ``None`` reads ``$SHMRPC_BACKEND`` and falls back to ``auto``.
     """
-    global _world, _agent, _default_timeout
+    global _default_timeout
     check_worker_name(name)
     backend_name = _backend_name(backend)
     if rpc_backend_options is None:
@@ -107,11 +107,16 @@ def init_rpc(
         if _agent is not None:
             raise RuntimeError("RPC is already initialized")
         _default_timeout = rpc_backend_options.rpc_timeout
-        world = start_agent(
-            name, rank, world_size, backend_name, rpc_backend_options, get_rpc_timeout
+        start_agent(
+            name, rank, world_size, backend_name, rpc_backend_options, get_rpc_timeout, _publish
         )
-        _world, _agent = world, world.agent
-        _rref_module._set_context(world.rrefs)
+
+
+def _publish(world: World | None) -> None:
+    """Install (or, if init fails late, remove) the process's world for the API to use."""
+    global _world, _agent
+    _world, _agent = world, None if world is None else world.agent
+    _rref_module._set_context(None if world is None else world.rrefs)
 
 
 def _resolve_timeout(timeout: float) -> float:

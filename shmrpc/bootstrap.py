@@ -67,7 +67,14 @@ def start_agent(
     backend: str,
     options: RpcBackendOptions,
     default_timeout: Callable[[], float],
+    publish: Callable[[World | None], None],
 ) -> World:
+    """Start the agent of this worker and wait until every worker has started.
+
+    ``publish`` gets the world before the final barrier (peers may call as soon as they pass
+    it, and the functions they run must find the API initialized) and ``None`` if starting
+    fails after that.
+    """
     timeout = options.rpc_timeout or _NO_TIMEOUT_INIT
     classes = resolve_backend(backend)
     rendezvous = Rendezvous(
@@ -87,6 +94,7 @@ def start_agent(
     transports: list[Transport] = []
     agent: RpcAgent | None = None
     rrefs: RRefContext | None = None
+    published = False
     try:
         for cls in classes:
             transports.append(cls(config, host))
@@ -118,8 +126,12 @@ def start_agent(
                 }
             )
         agent.start()
+        publish(World(agent, rrefs, rendezvous))
+        published = True
         rendezvous.barrier("ready")
     except BaseException:
+        if published:
+            publish(None)
         if rrefs is not None:
             rrefs.close()
         if agent is not None:

@@ -1,8 +1,9 @@
 """``python -m shmrpc.demo``: a small world, a few calls, and shm vs tcp latency side by side.
 
 Spawns two workers. Worker 0 makes calls on the default backend (``$SHMRPC_BACKEND`` or
-``auto``), then measures the median ``rpc_sync`` round trip of a no-op function for several
-tensor sizes on shm and on tcp, and prints one table.
+``auto``) and uses a remote module through an RRef, then measures the median ``rpc_sync``
+round trip of a no-op function for several tensor sizes, and of ``remote()`` + ``to_here()``,
+on shm and on tcp, and prints one table.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def _show_calls(backend: str) -> None:
     print(f"  rpc_sync(worker1, torch.add, (ones(3), 2)) = {total.tolist()}")
     futures = [rpc.rpc_async("worker1", square, (torch.tensor(float(i)),)) for i in range(5)]
     print(f"  5 x rpc_async(worker1, square) = {[f.wait().item() for f in futures]}")
+    layer = rpc.remote("worker1", torch.nn.Linear, args=(3, 1))
+    out = layer.rpc_sync().forward(torch.ones(3))
+    print(
+        f"  remote(worker1, nn.Linear(3, 1)) -> {layer.owner_name()} owns it; forward: {out.shape}"
+    )
 
 
 def _median_round_trip(size: int, repeats: int) -> float:
@@ -55,6 +61,16 @@ def _median_round_trip(size: int, repeats: int) -> float:
         start = time.perf_counter()
         rpc.rpc_sync("worker1", noop, (t,))
         times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _median_remote_to_here(repeats: int) -> float:
+    times = []
+    for i in range(repeats + 20):
+        start = time.perf_counter()
+        rpc.remote("worker1", square, (torch.tensor(1.0),)).to_here()
+        if i >= 20:  # the first ones warm up
+            times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
@@ -79,6 +95,7 @@ def _worker(rank: int, store_dir: str, default_backend: str, quick: bool, result
                         else (3000 if size <= 1 << 10 else 100)
                     )
                     results[(backend, size)] = _median_round_trip(size, repeats)
+                results[(backend, "rref")] = _median_remote_to_here(200 if quick else 2000)
         rpc.shutdown()
 
 
@@ -98,12 +115,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as store_dir, mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_worker, args=(store_dir, default_backend, args.quick, results), nprocs=2)
-        print("\nrpc_sync round trip of a no-op taking one tensor (median)")
-        print(f"{'tensor':>8} | {'shm':>11} | {'tcp':>11}")
-        print(f"{'-' * 8}-+-{'-' * 11}-+-{'-' * 11}")
-        for size in SIZES:
-            shm, tcp = results[("shm", size)], results[("tcp", size)]
-            print(f"{_fmt_size(size):>8} | {_fmt_time(shm)} | {_fmt_time(tcp)}")
+        print("\nround trip, median")
+        print(f"{'call':>26} | {'shm':>11} | {'tcp':>11}")
+        print(f"{'-' * 26}-+-{'-' * 11}-+-{'-' * 11}")
+        rows: list[tuple[str, object]] = [
+            (f"rpc_sync, {_fmt_size(size)} tensor", size) for size in SIZES
+        ]
+        rows.append(("remote() + to_here()", "rref"))
+        for label, key in rows:
+            shm, tcp = results[("shm", key)], results[("tcp", key)]
+            print(f"{label:>26} | {_fmt_time(shm)} | {_fmt_time(tcp)}")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,26 @@ def test_world_of_one(backend):
     run_world(_world_of_one, 1, (backend, new_init_method()))
 
 
+def whoami():
+    return rpc.get_worker_info().name, rpc.RRef(1).owner_name()
+
+
+def _called_right_after_init(rank, backend, init_method):
+    init(rank, 3, backend, init_method)
+    futures = [rpc.rpc_async(f"worker{peer}", whoami) for peer in range(3)]
+    names = [future.wait() for future in futures]
+    rpc.shutdown()
+    return names
+
+
+def test_peers_called_right_after_init_find_the_api_ready(backend):
+    # A peer may call as soon as it passes the init barrier; the functions it runs here must
+    # already see this worker's API (get_worker_info, RRef) initialized.
+    expected = [(f"worker{peer}", f"worker{peer}") for peer in range(3)]
+    results = run_world(_called_right_after_init, 3, (backend, new_init_method()))
+    assert results == [expected] * 3
+
+
 # ------------------------------------------------------------------------------ shutdown
 
 
