@@ -240,6 +240,18 @@ def shmrpc_names_in_dev_shm() -> list[str]:
         return []
 
 
+# Functions the tests of several modules call remotely.
+
+
+def add(a: Any, b: Any) -> Any:
+    return a + b
+
+
+def sleep_then(x: Any, delay: float) -> Any:
+    time.sleep(delay)
+    return x
+
+
 def kill_self() -> None:
     """Die at once, like a crashed worker (no cleanup runs)."""
     os.kill(os.getpid(), signal.SIGKILL)

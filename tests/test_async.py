@@ -9,22 +9,14 @@ import torch
 
 import shmrpc as rpc
 from shmrpc.functions import async_execution
+from tests.harness import add, sleep_then
 
 # --------------------------------------------------------------------- remote functions
-
-
-def add(a, b):
-    return a + b
 
 
 def slow_add(a, b, delay=0.2):
     time.sleep(delay)
     return a + b
-
-
-def sleep_then(x, delay):
-    time.sleep(delay)
-    return x
 
 
 @async_execution

@@ -18,12 +18,7 @@ from shmrpc.backends.ring import CONTROL_BYTES, Ring
 from shmrpc.backends.shm import ShmTransport
 from shmrpc.backends.tcp import TcpTransport
 from shmrpc.transport import Message, TransportConfig, TransportError, resolve_backend
-from tests.harness import new_init_method, run_world, worker_options
-
-
-def add(a, b):
-    return a + b
-
+from tests.harness import add, new_init_method, run_world, worker_options
 
 # ------------------------------------------------------------------------------ routing
 

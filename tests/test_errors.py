@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import shmrpc as rpc
-from tests.harness import new_init_method, run_world, worker_options
+from tests.harness import add, new_init_method, run_world, sleep_then, worker_options
 
 # --------------------------------------------------------------------- remote functions
 
@@ -42,15 +42,6 @@ def raise_(kind, message="Expected error"):
         "zero": ZeroDivisionError,
         "runtime": RuntimeError,
     }[kind](message)
-
-
-def add(a, b):
-    return a + b
-
-
-def sleep_then(x, delay):
-    time.sleep(delay)
-    return x
 
 
 def return_lock():

@@ -12,21 +12,14 @@ import torch
 
 import shmrpc as rpc
 from tests.harness import (
+    add,
     kill_self,
     new_init_method,
     run_world,
     shmrpc_names_in_dev_shm,
+    sleep_then,
     worker_options,
 )
-
-
-def add(a, b):
-    return a + b
-
-
-def sleep_then(x, delay):
-    time.sleep(delay)
-    return x
 
 
 def die_after(delay):

@@ -15,22 +15,13 @@ import torch
 
 import shmrpc as rpc
 from shmrpc.functions import async_execution
-from tests.harness import kill_self, new_init_method, run_world, worker_options
+from tests.harness import add, kill_self, new_init_method, run_world, sleep_then, worker_options
 
 # --------------------------------------------------------------------- remote functions
 
 
 def make(x):
     return torch.ones(2) * x
-
-
-def add(a, b):
-    return a + b
-
-
-def slow(x, delay):
-    time.sleep(delay)
-    return x
 
 
 def raise_value_error():
@@ -384,11 +375,11 @@ def test_remote_exceptions(world):
 
 
 def _body_remote_timeouts():
-    r = rpc.remote("worker1", slow, (1, 1.5), timeout=0.2)
+    r = rpc.remote("worker1", sleep_then, (1, 1.5), timeout=0.2)
     _expect(RuntimeError, r._get_future().wait, match="RPC ran for more than")
     _expect(RuntimeError, r.to_here, match="RRef creation via rpc.remote\\(\\) timed out")
     _expect(RuntimeError, rpc.rpc_sync, "worker2", to_here_plus, (r, 1), match="RRef creation")
-    slow_value = rpc.remote("worker2", slow, (5, 1.0))
+    slow_value = rpc.remote("worker2", sleep_then, (5, 1.0))
     _expect(rpc.RpcTimeoutError, slow_value.to_here, 0.2, match="RPC ran for more than")
     assert slow_value.to_here() == 5
     counter = rpc.remote("worker2", Counter, ())
@@ -505,7 +496,7 @@ def _owner_dies(rank, backend, init_method):
         return None
     r = rpc.remote("worker1", make, (1,))
     assert torch.equal(r.to_here(), make(1))
-    slow_value = rpc.remote("worker1", slow, (2, 20))
+    slow_value = rpc.remote("worker1", sleep_then, (2, 20))
     with contextlib.suppress(RuntimeError):  # the callee dies before it answers
         rpc.rpc_sync("worker1", kill_self)
     start = time.monotonic()
