@@ -537,13 +537,30 @@ class RpcAgent:
         if inbound.waits:
             gate = torch.futures.collect_all(inbound.waits)
             inbound.waits = []
-            gate.then(
-                lambda _: self._dispatcher.submit(
-                    self._run, entry[0], inbound, payload, internal, request=True
-                )
+            gate.add_done_callback(
+                functools.partial(self._open_gate, entry[0], inbound, payload, internal)
             )
             return
         self._run(entry[0], inbound, payload, internal)
+
+    def _open_gate(
+        self,
+        handler: Handler,
+        inbound: Inbound,
+        payload: Any,
+        internal: bool,
+        gate: torch.futures.Future[Any],
+    ) -> None:
+        """What the request waited for is done: run it, unless a wait failed (an RRef in its
+        arguments that its owner never confirmed), which fails the request instead."""
+        try:
+            gate.value()
+        except BaseException as exc:
+            error = exc.with_traceback(None)  # the gate keeps it out of the GC's sight
+            reply = functools.partial(self._finish, inbound, internal, error=error)
+            self._dispatcher.submit(reply, request=True)
+            return
+        self._dispatcher.submit(self._run, handler, inbound, payload, internal, request=True)
 
     def _run(self, handler: Handler, inbound: Inbound, payload: Any, internal: bool) -> None:
         try:

@@ -28,6 +28,7 @@ that overtakes the fork it deletes leaves a tombstone, so a late ``remote()`` ca
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import logging
@@ -59,6 +60,8 @@ CREATION_TIMED_OUT = (
 _RETRIES = 5  # control messages: attempts after a timeout (torch's RpcRetryOptions)
 #: The deleter waits this long after the first freed RRef, so one message carries many.
 _DELETION_BATCH_PAUSE = 0.01
+#: At most this many deletions per message (~25 bytes each pickled).
+_DELETIONS_PER_MESSAGE = 1000
 
 
 class Messenger(Protocol):
@@ -123,6 +126,12 @@ class _OwnerState:
             waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter()
+
+    def abandon(self, owner: WorkerInfo) -> None:
+        """The owner drops this state: fetches still waiting for a value get an error."""
+        if not self.ready.is_set():
+            error = RuntimeError(f"RRef {self.rref_id} was dropped before it had a value")
+            self.set_error(error, describe_exception(error, owner))
 
     def when_ready(self, callback: Callable[[], None]) -> None:
         with self._lock:
@@ -194,15 +203,25 @@ class RRefContext:
         return self._default_timeout() if timeout < 0 else timeout
 
     def _check_usable(self, rref: RRef[Any], action: str) -> None:
-        if rref._deleted:  # graceful shutdown deleted it: torch's message
+        if rref._deleted:  # graceful shutdown deleted it: torch's messages
+            what = "fork an UserRRef" if action == "fork" else f"{action} on it"
             raise RuntimeError(
                 f"UserRRef(rref_id={rref._rref_id}, fork_id={rref._fork_id}) has been deleted. "
-                f"Cannot call {action} on it after deletion."
+                f"Cannot call {what} after deletion."
             )
         if rref._context is not self or self._closed:
             raise RuntimeError(f"{rref!r} belongs to an RPC session that has shut down")
         if rref._timed_out:
             raise RuntimeError(CREATION_TIMED_OUT)
+
+    def _check_created(self, rref: RRef[Any]) -> None:
+        """A user RRef whose remote() failed (not timed out) has no value to ask for: the
+        owner never ran the call. Asking would wait for nothing, so raise that failure."""
+        creation = rref._creation
+        if creation is not None and creation.done():
+            error = _error_of(creation)
+            if error is not None:
+                raise error
 
     # --------------------------------------------------------------------------- creation
     def new_local_owner(self, value: Any) -> _OwnerState:
@@ -240,9 +259,21 @@ class RRefContext:
             with self._lock:
                 self._pending_users[fork_id] = rref
             self._watch_user(rref)
-        future = self._agent.request_async(
-            to, Kind.REMOTE_CALL, (func, args, kwargs, rref_id, fork_id), timeout, quick=True
-        )
+        try:
+            future = self._agent.request_async(
+                to, Kind.REMOTE_CALL, (func, args, kwargs, rref_id, fork_id), timeout, quick=True
+            )
+        except BaseException:  # nothing was sent: forget the RRef, nobody else knows of it
+            with self._lock:
+                if rref.is_owner():
+                    self._forks.pop(rref_id, None)
+                    self._owners.pop(rref_id, None)
+                else:
+                    self._pending_users.pop(fork_id, None)
+                    finalizer = self._finalizers.pop(fork_id, None)
+                    if finalizer is not None:
+                        finalizer.detach()
+            raise
         rref._creation = torch.futures.Future()
         future.add_done_callback(functools.partial(self._created, rref, fork_id))
         return rref
@@ -255,12 +286,21 @@ class RRefContext:
         assert creation is not None
         error = _error_of(future)
         if rref.is_owner():
+            state = rref._state
+            if error is not None and not isinstance(error, RpcTimeoutError):
+                assert state is not None  # the call never ran (it could not be decoded)
+                if not state.ready.is_set():
+                    self._store_error(state, error)
             self._del_fork(rref._rref_id, fork_id)
         elif error is None:
             self._confirm(rref)
         else:
+            # As torch does: no longer pending, but a user all the same, whose deletion the
+            # owner hears of (it may have run the call; if not, a tombstone takes the news).
             with self._lock:
-                self._pending_users.pop(fork_id, None)  # its deletion still reaches the owner
+                self._pending_users.pop(fork_id, None)
+                if not rref._deleted:
+                    self._confirmed[fork_id] = weakref.ref(rref)
         if error is None:
             creation.set_result(None)
         else:
@@ -436,8 +476,7 @@ class RRefContext:
                     owner, rref_id, fork_id = item
                     by_owner.setdefault(owner, []).append((rref_id, fork_id))
             if not self._closed:
-                for owner, forks in by_owner.items():
-                    self._notify(owner, Kind.RREF_USER_DELETE, forks)
+                self._notify_deletions(by_owner)
             with self._lock:  # only now: a dead finalizer still listed is a pending deletion
                 for forks in by_owner.values():
                     for _, fork_id in forks:
@@ -513,22 +552,25 @@ class RRefContext:
                 f"For UserRRef(rref_id={rref._rref_id}, fork_id={rref._fork_id}), can't call "
                 f"localValue() on user {self._agent.worker_info}. Call it on owner {rref.owner()}"
             )
+        if rref._timed_out:
+            raise RuntimeError(CREATION_TIMED_OUT)
         timeout = self._default_timeout()
         if not state.ready.wait(timeout if timeout > 0 else None):
             raise RpcTimeoutError.after(timeout, f"waiting for the value of {rref!r}")
         if state.error is not None:
-            raise state.error
+            raise _fresh(state.error)
         return state.value
 
     def to_here(self, rref: RRef[Any], timeout: float) -> Any:
         self._check_usable(rref, "to_here()")
         if rref.is_owner():
             return self.local_value(rref)
+        self._check_created(rref)
         value = self._agent.request_sync(
             rref.owner(), Kind.RREF_FETCH, rref._rref_id, self._timeout(timeout)
         )
-        if not rref._confirmed:  # the owner had the value, so it had registered this fork
-            self._confirm(rref)
+        if not rref._confirmed and rref._creation is not None:
+            self._confirm(rref)  # the owner had the value, so it had run remote(): registered
         return value
 
     def creation_future(self, rref: RRef[Any]) -> torch.futures.Future[Any]:
@@ -548,6 +590,7 @@ class RRefContext:
                     future = failed_future(error)
             else:
                 self._check_usable(rref, "_get_type()")
+                self._check_created(rref)
                 future = self._agent.request_async(
                     rref.owner(), Kind.RREF_TYPE, rref._rref_id, self._timeout(timeout)
                 )
@@ -563,15 +606,59 @@ class RRefContext:
         kwargs: dict[str, Any],
         timeout: float,
     ) -> Any:
-        """A proxy call: ``method`` of the value, run on the owner."""
+        """A proxy call: ``method`` of the value, run on the owner.
+
+        The value's type says how to call the method (``@async_execution`` or not), so it is
+        fetched first (once per RRef). ``rpc_async`` must not block for it: its call goes out
+        when the type arrives.
+        """
         timeout = self._timeout(timeout)
+        if mode != "async":
+            value_type = self.value_type(rref, timeout, blocking=True)
+            return self._invoke_with(value_type, rref, mode, method, args, kwargs, timeout)
         try:
-            attribute = getattr(self.value_type(rref, timeout, blocking=True), method)
+            type_future = self.value_type(rref, timeout, blocking=False)
         except BaseException as error:
-            if mode != "async":
-                raise
             return failed_future(error)
-        is_async = hasattr(attribute, "_wrapped_async_rpc_function")
+        if type_future.done():  # the usual case: known type, no extra future in the way
+            try:
+                value_type = type_future.value()
+                getattr(value_type, method)  # a missing method fails the future, as torch's
+            except BaseException as error:
+                return failed_future(error)
+            return self._invoke_with(value_type, rref, mode, method, args, kwargs, timeout)
+        result: torch.futures.Future[Any] = torch.futures.Future()
+
+        def pass_on(future: torch.futures.Future[Any]) -> None:
+            error = _error_of(future)
+            if error is None:
+                result.set_result(future.value())
+            else:
+                result.set_exception(error)
+
+        def call(arrived: torch.futures.Future[Any]) -> None:
+            try:
+                value_type = arrived.value()
+                future = self._invoke_with(value_type, rref, mode, method, args, kwargs, timeout)
+            except BaseException as error:
+                result.set_exception(error.with_traceback(None))
+                return
+            future.add_done_callback(pass_on)
+
+        type_future.add_done_callback(call)
+        return result
+
+    def _invoke_with(
+        self,
+        value_type: type,
+        rref: RRef[Any],
+        mode: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float,
+    ) -> Any:
+        is_async = hasattr(getattr(value_type, method), "_wrapped_async_rpc_function")
         func = _local_invoke_async if is_async else _local_invoke
         call = (rref, method, args, kwargs)
         owner = rref.owner()
@@ -601,12 +688,20 @@ class RRefContext:
             if rref is not None and not rref._deleted:
                 rref._deleted = True
                 by_owner.setdefault(rref._owner, []).append((rref._rref_id, rref._fork_id))
-        for owner, forks in by_owner.items():
-            self._notify(owner, Kind.RREF_USER_DELETE, forks)
+        self._notify_deletions(by_owner)
         with self._lock:
-            for rref_id in [r for r in self._owners if r not in self._forks]:
-                del self._owners[rref_id]  # never forked: nobody else can ask for it
+            unforked = [self._owners.pop(r) for r in list(self._owners) if r not in self._forks]
+        for state in unforked:  # never forked: nobody else can ask for it; fail who still waits
+            state.abandon(self._agent.worker_info)
         self._wait_until(lambda: not self._owners, deadline)
+
+    def _notify_deletions(self, by_owner: dict[int, list[Any]]) -> None:
+        """Send USER_DELETE messages, each small enough for any ``max_message_size``."""
+        for owner, forks in by_owner.items():
+            for start in range(0, len(forks), _DELETIONS_PER_MESSAGE):
+                self._notify(
+                    owner, Kind.RREF_USER_DELETE, forks[start : start + _DELETIONS_PER_MESSAGE]
+                )
 
     def _wait_until(self, condition: Callable[[], bool], deadline: float | None) -> None:
         while not condition():
@@ -649,6 +744,15 @@ class RRefContext:
                     sum(not finalizer.alive for finalizer in self._finalizers.values())
                 ),
             }
+
+
+def _fresh(error: BaseException) -> BaseException:
+    """A copy of a stored exception to raise: raising the stored one would attach this
+    caller's frames to it for as long as the owner keeps it."""
+    try:
+        return copy.copy(error).with_traceback(None)
+    except Exception:
+        return error
 
 
 def _error_of(future: torch.futures.Future[Any]) -> BaseException | None:

@@ -6,8 +6,10 @@ import contextlib
 import gc
 import pickle
 import re
+import sys
 import threading
 import time
+import types
 import weakref
 
 import pytest
@@ -480,6 +482,62 @@ def _shutdown_deletes_users(rank, backend, init_method):
 
 def test_graceful_shutdown_deletes_user_rrefs(backend):
     assert run_world(_shutdown_deletes_users, 3, (backend, new_init_method())) == ["ok"] * 3
+
+
+def slow_counter(delay):
+    time.sleep(delay)
+    return Counter(7)
+
+
+def _failed_remotes_leave_nothing(rank, backend, init_method):
+    """remote() calls that fail in every way: none may leak or hang the shutdown."""
+    opts = worker_options(backend, rank, 2, init_method, rpc_timeout=20)
+    rpc.init_rpc(
+        f"worker{rank}", backend=backend, rank=rank, world_size=2, rpc_backend_options=opts
+    )
+    rpc.api._ignore_rref_leak = False  # leaks fail the shutdown
+    if rank == 0:
+        # Nothing sent (the argument cannot be pickled), to a peer and to self.
+        for to in ("worker1", "worker0"):
+            _expect(TypeError, rpc.remote, to, add, (threading.Lock(), 1))
+        info = debug_info()
+        assert (info["num_pending_users"], info["num_owner_rrefs"]) == ("0", "0"), info
+        # Timed out, but it ran on the owner: kept alive through shutdown, whose deletion
+        # must still reach the owner.
+        late = rpc.remote("worker1", sleep_then, (1, 0.5), timeout=0.1)
+        _expect(rpc.RpcTimeoutError, late._get_future().wait)
+        _expect(RuntimeError, late.to_here, match="RRef creation via rpc.remote\\(\\) timed out")
+        # The function does not exist on the owner: the call never runs there.
+        module = sys.modules[__name__]
+        missing = types.FunctionType(add.__code__, module.__dict__, "only_on_caller")
+        missing.__qualname__ = "only_on_caller"
+        module.only_on_caller = missing
+        try:
+            raced = rpc.remote("worker1", missing, (1, 2))
+            # Fetched before the failure is known here: the owner waits for a value that
+            # never comes, until this to_here times out (and shutdown releases the owner).
+            _expect(RuntimeError, raced.to_here, 0.5)
+            known = rpc.remote("worker1", missing, (1, 2))
+            _expect(RuntimeError, known._get_future().wait)
+            _expect(AttributeError, known.to_here, match="RPC pickler does not serialize")
+            _expect(AttributeError, known.to_here)  # every time
+        finally:
+            del module.only_on_caller
+        time.sleep(0.6)  # the late call completes on worker1
+        # rpc_async() through a proxy does not block for the value's type.
+        counter = rpc.remote("worker1", slow_counter, (1.0,))
+        start = time.monotonic()
+        future = counter.rpc_async().increment(2)
+        assert time.monotonic() - start < 0.5, "rpc_async() waited for the remote value"
+        assert future.wait() == 9
+        assert counter.rpc_async().get().wait() == 9
+        _expect(AttributeError, counter.rpc_async().no_such_method().wait)
+    rpc.shutdown()
+    return "ok"
+
+
+def test_failed_remotes_leave_nothing(backend):
+    assert run_world(_failed_remotes_leave_nothing, 2, (backend, new_init_method())) == ["ok"] * 2
 
 
 def _owner_dies(rank, backend, init_method):
