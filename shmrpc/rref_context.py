@@ -221,7 +221,7 @@ class RRefContext:
         if creation is not None and creation.done():
             error = _error_of(creation)
             if error is not None:
-                raise error
+                raise _fresh(error)
 
     # --------------------------------------------------------------------------- creation
     def new_local_owner(self, value: Any) -> _OwnerState:
