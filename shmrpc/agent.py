@@ -346,7 +346,11 @@ class RpcAgent:
         """Send a one-way internal message (no reply); raises if it cannot be sent."""
         pickled = self.serializer.dumps(payload)
         header = encode(kind, 0, _INTERNAL | _NO_REPLY, pickled.table)
-        self._transmit(to.id, header, pickled, 0)
+        try:
+            self._transmit(to.id, header, pickled, 0)
+        except BaseException:
+            pickled.cancel()
+            raise
 
     def _start(
         self,
@@ -389,6 +393,7 @@ class RpcAgent:
                 to.id, encode(kind, call.request_id, flags, pickled.table), pickled, timeout
             )
         except BaseException:
+            pickled.cancel()
             if self._take(call.request_id) is not None and call.timer is not None:
                 call.timer.cancel()
             if not internal:  # it never left: do not count it as sent
@@ -631,7 +636,10 @@ class RpcAgent:
             reply = encode(kind, inbound.envelope.request_id, flags, pickled.table)
             try:
                 self._transmit(inbound.peer, reply, pickled, 0)
-            except PeerLostError:
+            except BaseException as exc:
+                pickled.cancel()
+                if not isinstance(exc, PeerLostError):
+                    raise
                 logger.debug("shmrpc: caller %s is gone; reply dropped", inbound.peer)
         finally:
             if not internal:

@@ -190,7 +190,7 @@ class RRefContext:
         agent.register_handler(Kind.RREF_FORK_REQUEST, self._serve_fork_request, internal=True)
         agent.register_handler(Kind.RREF_CHILD_ACCEPT, self._serve_child_accept, internal=True)
         agent.register_handler(Kind.RREF_USER_DELETE, self._serve_user_delete, internal=True)
-        agent.serializer.register(RRef, "rref", self._reduce, self._rebuild)
+        agent.serializer.register(RRef, "rref", self._reduce, self._rebuild, self._unfork)
 
     # -------------------------------------------------------------------------- helpers
     def _new_id(self) -> GloballyUniqueId:
@@ -369,6 +369,16 @@ class RRefContext:
             else:
                 self._pending_children[fork_id] = rref
         return (rref._owner, tuple(rref._rref_id), tuple(fork_id), self.worker_id)
+
+    def _unfork(self, reduced: tuple[Any, ...]) -> None:
+        """The message that carried a fork was not sent: forget the fork."""
+        owner, rref_id, fork_id, _ = reduced
+        rid, fid = GloballyUniqueId(*rref_id), GloballyUniqueId(*fork_id)
+        if owner == self.worker_id:
+            self._del_fork(rid, fid)
+        else:
+            with self._lock:
+                self._pending_children.pop(fid, None)
 
     def _rebuild(
         self,
@@ -739,6 +749,8 @@ class RRefContext:
                 "num_pending_futures": str(self._pending_control),
                 "num_pending_users": str(len(self._pending_users)),
                 "num_forks": str(sum(len(forks) for forks in self._forks.values())),
+                # not in torch: user RRefs forked from here whose children are not confirmed
+                "num_pending_children": str(len(self._pending_children)),
                 # not in torch: user RRefs freed here whose owners have not been told yet
                 "num_pending_deletions": str(
                     sum(not finalizer.alive for finalizer in self._finalizers.values())

@@ -24,6 +24,7 @@ import copyreg
 import ctypes
 import dataclasses
 import io
+import logging
 import pickle
 import threading
 from collections.abc import Callable, Sequence
@@ -32,6 +33,8 @@ from typing import Any
 import torch
 
 __all__ = ["Pickled", "Serializer"]
+
+logger = logging.getLogger(__name__)
 
 #: Storage ranges start at multiples of this, so a range can be viewed as any dtype.
 _ALIGN = 64
@@ -70,6 +73,8 @@ _DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES) if d is not None}
 
 Reducer = Callable[[Any], tuple[Any, ...]]
 Rebuilder = Callable[..., Any]
+#: Takes back what a reducer did (given what it returned) when its message is never sent.
+Undo = Callable[[tuple[Any, ...]], None]
 
 
 @dataclasses.dataclass(slots=True)
@@ -83,15 +88,31 @@ class Pickled:
     buffers: list[torch.Tensor] = dataclasses.field(default_factory=list)
     #: The tensors the message references, in pickling order (for autograd and device checks).
     tensors: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    #: What registered reducers did that must be taken back if the message is not sent.
+    undos: list[tuple[Undo, tuple[Any, ...]]] = dataclasses.field(default_factory=list)
+
+    def cancel(self) -> None:
+        """The message will not be sent: take back what pickling it did (e.g. RRef forks)."""
+        undos, self.undos = self.undos, []
+        _run_undos(undos)
+
+
+def _run_undos(undos: list[tuple[Undo, tuple[Any, ...]]]) -> None:
+    for undo, reduced in reversed(undos):
+        try:
+            undo(reduced)
+        except Exception:
+            logger.exception("shmrpc: undoing a reducer failed")
 
 
 class _Sending:
     """What one dumps() collects while the pickler runs."""
 
-    __slots__ = ("buffers", "inline", "reducers", "tensors")
+    __slots__ = ("buffers", "inline", "reducers", "tensors", "undos")
 
-    def __init__(self, reducers: dict[type, tuple[str, Reducer]]) -> None:
+    def __init__(self, reducers: dict[type, tuple[str, Reducer, Undo | None]]) -> None:
         self.reducers = reducers
+        self.undos: list[tuple[Undo, tuple[Any, ...]]] = []
         self.tensors: list[torch.Tensor] = []
         self.buffers: list[torch.Tensor] = []
         self.inline: dict[int, _InlineStorage] = {}  # data_ptr -> storage pickled inline
@@ -147,17 +168,23 @@ class Serializer:
     """Turns objects into :class:`Pickled` and back."""
 
     def __init__(self) -> None:
-        self._reducers: dict[type, tuple[str, Reducer]] = {}
+        self._reducers: dict[type, tuple[str, Reducer, Undo | None]] = {}
         self._rebuilders: dict[str, Rebuilder] = {"sparse_coo": _rebuild_sparse_coo}
         self._dispatch: dict[type, Callable[[Any], Any]] = {}
         self._copyreg_size = -1
         self._local = threading.local()
 
-    def register(self, cls: type, name: str, reduce: Reducer, rebuild: Rebuilder) -> None:
-        """Pickle instances of exactly ``cls`` as ``rebuild(context, *reduce(obj))``."""
+    def register(
+        self, cls: type, name: str, reduce: Reducer, rebuild: Rebuilder, undo: Undo | None = None
+    ) -> None:
+        """Pickle instances of exactly ``cls`` as ``rebuild(context, *reduce(obj))``.
+
+        ``undo(reduce(obj))`` runs if the message is not sent after all (pickling fails later
+        on, or ``Pickled.cancel()``): reducers with side effects take them back there.
+        """
         if name in self._rebuilders:
             raise ValueError(f"a rebuilder named {name!r} is already registered")
-        self._reducers[cls] = (name, reduce)
+        self._reducers[cls] = (name, reduce, undo)
         self._rebuilders[name] = rebuild
         self._copyreg_size = -1  # rebuild the dispatch table
 
@@ -200,6 +227,9 @@ class Serializer:
         try:
             pickler.dump(obj)
             data = file.getvalue()
+        except BaseException:
+            _run_undos(sending.undos)
+            raise
         finally:
             # The memo references everything just pickled: keeping it until the next dump
             # would keep those objects (tensors, RRefs) alive on an idle thread.
@@ -208,9 +238,9 @@ class Serializer:
             if reused:
                 local.busy = False
         if not sending.tensors and not sending.buffers:
-            return Pickled(data)
+            return Pickled(data, undos=sending.undos)
         tensor_table, blobs = _tensor_table(sending.tensors)
-        return Pickled(data, tensor_table, blobs + sending.buffers, sending.tensors)
+        return Pickled(data, tensor_table, blobs + sending.buffers, sending.tensors, sending.undos)
 
     # -------------------------------------------------------------------------- receiving
     def loads(
@@ -259,8 +289,12 @@ def _refuse_future(obj: Any) -> Any:
 
 
 def _reduce_registered(obj: Any) -> Any:
-    name, reduce = _state.sending.reducers[type(obj)]
-    return (_rebuild, (name, *reduce(obj)))
+    sending: _Sending = _state.sending
+    name, reduce, undo = sending.reducers[type(obj)]
+    reduced = reduce(obj)
+    if undo is not None:
+        sending.undos.append((undo, reduced))
+    return (_rebuild, (name, *reduced))
 
 
 def _reduce_tensor(t: torch.Tensor) -> Any:

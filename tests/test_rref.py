@@ -502,6 +502,14 @@ def _failed_remotes_leave_nothing(rank, backend, init_method):
             _expect(TypeError, rpc.remote, to, add, (threading.Lock(), 1))
         info = debug_info()
         assert (info["num_pending_users"], info["num_owner_rrefs"]) == ("0", "0"), info
+        # RRefs forked into a message that then fails to pickle: the forks are taken back.
+        mine = rpc.RRef(torch.ones(1))
+        theirs = rpc.remote("worker1", make, (1,))
+        theirs.to_here()
+        for rref in (mine, theirs):
+            _expect(TypeError, rpc.rpc_sync, "worker1", add, (rref, threading.Lock()))
+        info = debug_info()
+        assert (info["num_forks"], info["num_pending_children"]) == ("0", "0"), info
         # Timed out, but it ran on the owner: kept alive through shutdown, whose deletion
         # must still reach the owner.
         late = rpc.remote("worker1", sleep_then, (1, 0.5), timeout=0.1)
