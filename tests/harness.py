@@ -240,6 +240,22 @@ def shmrpc_names_in_dev_shm() -> list[str]:
         return []
 
 
+def expect_raises(
+    exc_type: Any, fn: Callable[..., Any], *args: Any, match: str | None = None, **kwargs: Any
+) -> Any:
+    """Call ``fn``; assert it raises ``exc_type`` whose text contains ``match``; return it."""
+    try:
+        fn(*args, **kwargs)
+    except exc_type as e:
+        # A failed torch Future keeps its exception in C++, out of the GC's sight: drop the
+        # traceback (which references this frame, and so fn) or the cycle would never be freed.
+        e.__traceback__ = None
+        if match is not None:
+            assert match in str(e), f"{match!r} not in {str(e)[:500]!r}"
+        return e
+    raise AssertionError(f"{fn} did not raise {exc_type}")
+
+
 # Functions the tests of several modules call remotely.
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import shmrpc as rpc
-from tests.harness import add, new_init_method, run_world, sleep_then, worker_options
+from tests.harness import add, expect_raises, new_init_method, run_world, sleep_then, worker_options
 
 # --------------------------------------------------------------------- remote functions
 
@@ -55,19 +55,6 @@ def return_future():
 # ---------------------------------------------------------------------------- bodies
 
 
-def _expect(exc_type, fn, *args, match=None, **kwargs):
-    try:
-        fn(*args, **kwargs)
-    except exc_type as e:
-        # A failed torch Future keeps its exception in C++, out of the GC's sight: drop the
-        # traceback (which references this frame, and so fn) or the cycle would never be freed.
-        e.__traceback__ = None
-        if match is not None:
-            assert match in str(e), f"{match!r} not in {str(e)[:500]!r}"
-        return e
-    raise AssertionError(f"{fn} did not raise {exc_type}")
-
-
 def _body_remote_exception_types():
     for kind, exc_type in [
         ("value", ValueError),
@@ -79,7 +66,7 @@ def _body_remote_exception_types():
         ("runtime", RuntimeError),
     ]:
         for call in (rpc.rpc_sync, lambda *a: rpc.rpc_async(*a).wait()):
-            e = _expect(exc_type, call, "worker1", raise_, (kind,), match="Expected error")
+            e = expect_raises(exc_type, call, "worker1", raise_, (kind,), match="Expected error")
             assert isinstance(e, RuntimeError), "remote errors are also RuntimeErrors"
             text = str(e)
             assert "On WorkerInfo(id=1, name=worker1)" in text and "Traceback" in text
@@ -87,7 +74,7 @@ def _body_remote_exception_types():
     # every wait() of a failed future raises again
     fut = rpc.rpc_async("worker2", raise_, ("key",))
     for _ in range(3):
-        _expect(KeyError, fut.wait)
+        expect_raises(KeyError, fut.wait)
     assert fut.done()
     # the agent is still fine
     assert rpc.rpc_sync("worker1", add, (1, 2)) == 3
@@ -98,11 +85,11 @@ def test_remote_exception_types(world):
 
 
 def _body_unusual_exceptions():
-    e = _expect(RuntimeError, rpc.rpc_sync, "worker1", raise_, ("two-arg",))
+    e = expect_raises(RuntimeError, rpc.rpc_sync, "worker1", raise_, ("two-arg",))
     assert "Original exception on remote side was" in str(e) and "TwoArgError" in str(e)
-    e = _expect(RuntimeError, rpc.rpc_sync, "worker1", raise_, ("local-class",))
+    e = expect_raises(RuntimeError, rpc.rpc_sync, "worker1", raise_, ("local-class",))
     assert "LocalOnlyError" in str(e) and "Expected error" in str(e)
-    _expect(RuntimeError, rpc.rpc_sync, "worker1", raise_, ("exit",), match="SystemExit")
+    expect_raises(RuntimeError, rpc.rpc_sync, "worker1", raise_, ("exit",), match="SystemExit")
     assert rpc.rpc_sync("worker1", add, (2, 2)) == 4, "a SystemExit in a UDF must not kill it"
 
 
@@ -116,7 +103,7 @@ def _body_function_missing_on_callee():
     fn.__qualname__ = "only_on_caller"
     module.only_on_caller = fn  # exists here only
     try:
-        e = _expect(RuntimeError, rpc.rpc_sync, "worker1", fn, (1, 2))
+        e = expect_raises(RuntimeError, rpc.rpc_sync, "worker1", fn, (1, 2))
         assert isinstance(e, AttributeError)
         assert "RPC pickler does not serialize" in str(e)
     finally:
@@ -128,7 +115,7 @@ def test_function_missing_on_callee(world):
 
 
 def _body_bad_input():
-    _expect(
+    expect_raises(
         RuntimeError,
         rpc.rpc_sync,
         "nobody",
@@ -136,16 +123,24 @@ def _body_bad_input():
         (1, 2),
         match="could not find destination name nobody",
     )
-    _expect(RuntimeError, rpc.rpc_async, 17, add, (1, 2), match="could not find destination id 17")
-    _expect(RuntimeError, rpc.rpc_sync, -1, add, (1, 2), match="could not find destination id -1")
-    _expect(ValueError, rpc.rpc_sync, 3.5, add, (1, 2), match="Cannot get WorkerInfo from name 3.5")
-    _expect(TypeError, rpc.rpc_sync, "worker1", 42, match="function should be callable.")
-    _expect(RuntimeError, rpc.get_worker_info, "nobody", match="could not find destination")
+    expect_raises(
+        RuntimeError, rpc.rpc_async, 17, add, (1, 2), match="could not find destination id 17"
+    )
+    expect_raises(
+        RuntimeError, rpc.rpc_sync, -1, add, (1, 2), match="could not find destination id -1"
+    )
+    expect_raises(
+        ValueError, rpc.rpc_sync, 3.5, add, (1, 2), match="Cannot get WorkerInfo from name 3.5"
+    )
+    expect_raises(TypeError, rpc.rpc_sync, "worker1", 42, match="function should be callable.")
+    expect_raises(RuntimeError, rpc.get_worker_info, "nobody", match="could not find destination")
     # unpicklable argument: raised at the caller, before anything is sent, with its own type
-    e = _expect(TypeError, rpc.rpc_sync, "worker1", add, (threading.Lock(), 1), match="pickle")
+    e = expect_raises(
+        TypeError, rpc.rpc_sync, "worker1", add, (threading.Lock(), 1), match="pickle"
+    )
     assert any("could not serialize the request to worker1" in n for n in e.__notes__)
-    _expect(TypeError, rpc.rpc_async, "worker1", add, (threading.Lock(), 1), match="pickle")
-    _expect(
+    expect_raises(TypeError, rpc.rpc_async, "worker1", add, (threading.Lock(), 1), match="pickle")
+    expect_raises(
         RuntimeError,
         rpc.rpc_sync,
         "worker1",
@@ -153,10 +148,10 @@ def _body_bad_input():
         (torch.futures.Future(), 1),
         match="Can not pickle torch.futures.Future",
     )
-    _expect(AttributeError, rpc.rpc_sync, "worker1", lambda: 1, match="local object")
+    expect_raises(AttributeError, rpc.rpc_sync, "worker1", lambda: 1, match="local object")
     # unpicklable results come back as errors
-    _expect(TypeError, rpc.rpc_sync, "worker1", return_lock, match="pickle")
-    _expect(
+    expect_raises(TypeError, rpc.rpc_sync, "worker1", return_lock, match="pickle")
+    expect_raises(
         RuntimeError,
         rpc.rpc_sync,
         "worker1",
@@ -173,7 +168,7 @@ def test_bad_input(world):
 def _body_timeouts():
     for call in (rpc.rpc_sync, lambda *a, **k: rpc.rpc_async(*a, **k).wait()):
         start = time.monotonic()
-        e = _expect(
+        e = expect_raises(
             rpc.RpcTimeoutError,
             call,
             "worker1",
@@ -188,7 +183,7 @@ def _body_timeouts():
     old = rpc.get_rpc_timeout()
     rpc.api._set_rpc_timeout(0.1)
     try:
-        _expect(
+        expect_raises(
             RuntimeError,
             rpc.rpc_sync,
             "worker2",
@@ -214,7 +209,7 @@ def _too_large(rank, init_method, backend):
         f"worker{rank}", backend=backend, rank=rank, world_size=2, rpc_backend_options=opts
     )
     if rank == 0:
-        e = _expect(
+        e = expect_raises(
             rpc.MessageTooLargeError, rpc.rpc_sync, "worker1", add, (torch.ones(1 << 19), 1)
         )
         assert "exceeds max_message_size=1048576" in str(e) and isinstance(e, RuntimeError)
@@ -227,18 +222,18 @@ def test_message_too_large(backend):
 
 
 def test_call_before_init():
-    _expect(
+    expect_raises(
         RuntimeError, rpc.rpc_sync, "worker1", add, (1, 2), match="RPC has not been initialized"
     )
-    _expect(
+    expect_raises(
         RuntimeError, rpc.rpc_async, "worker1", add, (1, 2), match="RPC has not been initialized"
     )
-    _expect(RuntimeError, rpc.get_worker_info, match="RPC has not been initialized")
-    _expect(RuntimeError, rpc.shutdown, match="RPC has not been initialized")
+    expect_raises(RuntimeError, rpc.get_worker_info, match="RPC has not been initialized")
+    expect_raises(RuntimeError, rpc.shutdown, match="RPC has not been initialized")
 
 
 def test_bad_init_arguments():
-    _expect(
+    expect_raises(
         RuntimeError,
         rpc.init_rpc,
         "bad name!",
@@ -246,10 +241,14 @@ def test_bad_init_arguments():
         world_size=1,
         match="Worker name must match",
     )
-    _expect(RuntimeError, rpc.init_rpc, "", rank=0, world_size=1, match="must be non-empty")
-    _expect(RuntimeError, rpc.init_rpc, "x" * 200, rank=0, world_size=1, match="shorter than 128")
-    _expect(TypeError, rpc.init_rpc, "a", backend=3, rank=0, world_size=1, match="BackendType")
-    _expect(
+    expect_raises(RuntimeError, rpc.init_rpc, "", rank=0, world_size=1, match="must be non-empty")
+    expect_raises(
+        RuntimeError, rpc.init_rpc, "x" * 200, rank=0, world_size=1, match="shorter than 128"
+    )
+    expect_raises(
+        TypeError, rpc.init_rpc, "a", backend=3, rank=0, world_size=1, match="BackendType"
+    )
+    expect_raises(
         TypeError,
         rpc.init_rpc,
         "a",
@@ -258,7 +257,7 @@ def test_bad_init_arguments():
         rpc_backend_options=object(),
         match="RpcBackendOptions",
     )
-    _expect(
+    expect_raises(
         ValueError,
         rpc.init_rpc,
         "a",
@@ -268,7 +267,7 @@ def test_bad_init_arguments():
         rpc_backend_options=rpc.RpcBackendOptions(init_method=new_init_method()),
         match="unknown shmrpc backend 'carrier-pigeon'",
     )
-    _expect(ValueError, rpc.RpcBackendOptions, ring_size=1000, match="power of two")
-    _expect(TypeError, rpc.RpcBackendOptions, rpc_timeout="soon")
+    expect_raises(ValueError, rpc.RpcBackendOptions, ring_size=1000, match="power of two")
+    expect_raises(TypeError, rpc.RpcBackendOptions, rpc_timeout="soon")
     with pytest.raises(TypeError):
         rpc.TensorPipeRpcBackendOptions(8)  # keyword-only, as in torch

@@ -17,7 +17,15 @@ import torch
 
 import shmrpc as rpc
 from shmrpc.functions import async_execution
-from tests.harness import add, kill_self, new_init_method, run_world, sleep_then, worker_options
+from tests.harness import (
+    add,
+    expect_raises,
+    kill_self,
+    new_init_method,
+    run_world,
+    sleep_then,
+    worker_options,
+)
 
 # --------------------------------------------------------------------- remote functions
 
@@ -138,19 +146,6 @@ def settle(workers=("worker0", "worker1", "worker2"), timeout=30.0):
     raise AssertionError(f"RRef traffic did not settle: {infos}")
 
 
-def _expect(exc_type, fn, *args, match=None, **kwargs):
-    try:
-        fn(*args, **kwargs)
-    except exc_type as e:
-        # A failed torch Future keeps its exception in C++, out of the GC's sight: drop the
-        # traceback (which references this frame, and so fn) or the cycle would never be freed.
-        e.__traceback__ = None
-        if match is not None:
-            assert re.search(match, str(e)), f"{match!r} not in {str(e)[:400]!r}"
-        return e
-    raise AssertionError(f"{fn} did not raise {exc_type}")
-
-
 # ---------------------------------------------------------------------------- creation
 
 
@@ -195,18 +190,20 @@ def _body_formats_and_errors():
     assert re.fullmatch(rf"OwnerRRef\({gid}\)", repr(rpc.RRef(1)))
     rid, fid = r._rref_id, r._fork_id
     assert fid.local_id == rid.local_id + 1, "RRefId first, then ForkId, from one counter"
-    _expect(
+    expect_raises(
         RuntimeError,
         r.local_value,
-        match=re.escape(
+        match=(
             f"For UserRRef(rref_id={rid}, fork_id={fid}), can't call localValue() "
             "on user WorkerInfo(id=0, name=worker0). Call it on owner "
             "WorkerInfo(id=1, name=worker1)"
         ),
     )
-    _expect(RuntimeError, pickle.dumps, r, match="Can not pickle rref in python pickler")
-    _expect(RuntimeError, torch.save, rpc.RRef(35), "/dev/null", match="Can not pickle rref")
-    _expect(RuntimeError, rpc.RRef, 1, type_hint=int, match="type_hint should only be specified")
+    expect_raises(RuntimeError, pickle.dumps, r, match="Can not pickle rref in python pickler")
+    expect_raises(RuntimeError, torch.save, rpc.RRef(35), "/dev/null", match="Can not pickle rref")
+    expect_raises(
+        RuntimeError, rpc.RRef, 1, type_hint=int, match="type_hint should only be specified"
+    )
 
 
 def test_formats_and_errors(world):
@@ -339,8 +336,10 @@ def _body_proxies():
     assert counter.rpc_sync().later(21) == 42  # an async_execution static method
     proxy = counter.rpc_sync()
     assert proxy.get() == proxy.get() == 10  # proxies are reusable
-    _expect(AttributeError, counter.rpc_sync().non_exist, match="has no attribute 'non_exist'")
-    _expect(AttributeError, counter.rpc_async().non_exist().wait, match="non_exist")
+    expect_raises(
+        AttributeError, counter.rpc_sync().non_exist, match="has no attribute 'non_exist'"
+    )
+    expect_raises(AttributeError, counter.rpc_async().non_exist().wait, match="non_exist")
     own = rpc.RRef(Counter(1))
     assert own.rpc_sync().increment() == 2 and own.local_value().count == 2
 
@@ -355,13 +354,13 @@ def test_proxies(world):
 def _body_remote_exceptions():
     failed = rpc.remote("worker1", raise_value_error)
     for _ in range(3):
-        e = _expect(ValueError, failed.to_here, match="Expected error")
+        e = expect_raises(ValueError, failed.to_here, match="Expected error")
         assert isinstance(e, RuntimeError)
     assert failed._get_future().wait() is None  # the call itself completed: the value is the error
     assert failed.confirmed_by_owner()
     assert rpc.rpc_sync("worker1", lambda_free_raises, (failed,)) == "ValueError"
     own_failed = rpc.remote("worker0", raise_value_error)
-    _expect(ValueError, own_failed.local_value, match="Expected error")
+    expect_raises(ValueError, own_failed.local_value, match="Expected error")
 
 
 def lambda_free_raises(rref):
@@ -378,16 +377,22 @@ def test_remote_exceptions(world):
 
 def _body_remote_timeouts():
     r = rpc.remote("worker1", sleep_then, (1, 1.5), timeout=0.2)
-    _expect(RuntimeError, r._get_future().wait, match="RPC ran for more than")
-    _expect(RuntimeError, r.to_here, match="RRef creation via rpc.remote\\(\\) timed out")
-    _expect(RuntimeError, rpc.rpc_sync, "worker2", to_here_plus, (r, 1), match="RRef creation")
+    expect_raises(RuntimeError, r._get_future().wait, match="RPC ran for more than")
+    expect_raises(RuntimeError, r.to_here, match="RRef creation via rpc.remote() timed out")
+    expect_raises(
+        RuntimeError, rpc.rpc_sync, "worker2", to_here_plus, (r, 1), match="RRef creation"
+    )
     slow_value = rpc.remote("worker2", sleep_then, (5, 1.0))
-    _expect(rpc.RpcTimeoutError, slow_value.to_here, 0.2, match="RPC ran for more than")
+    expect_raises(rpc.RpcTimeoutError, slow_value.to_here, 0.2, match="RPC ran for more than")
     assert slow_value.to_here() == 5
     counter = rpc.remote("worker2", Counter, ())
     counter.to_here()
-    _expect(rpc.RpcTimeoutError, counter.rpc_sync(timeout=0.1).nap, 1.0, match="RPC ran for more")
-    _expect(rpc.RpcTimeoutError, counter.rpc_async(timeout=0.1).nap(1.0).wait, match="RPC ran for")
+    expect_raises(
+        rpc.RpcTimeoutError, counter.rpc_sync(timeout=0.1).nap, 1.0, match="RPC ran for more"
+    )
+    expect_raises(
+        rpc.RpcTimeoutError, counter.rpc_async(timeout=0.1).nap(1.0).wait, match="RPC ran for"
+    )
     time.sleep(1.6)  # the timed-out remote completes on worker1; its late answer is dropped
     settle()
 
@@ -471,12 +476,12 @@ def _shutdown_deletes_users(rank, backend, init_method):
     cycle["self"] = cycle  # kept alive by a reference cycle
     assert torch.equal(user.to_here(), make(rank))
     rpc.shutdown()
-    _expect(
+    expect_raises(
         RuntimeError,
         user.to_here,
-        match="has been deleted. Cannot call to_here\\(\\) on it after deletion.",
+        match="has been deleted. Cannot call to_here() on it after deletion.",
     )
-    _expect(RuntimeError, rpc.RRef, 1, match="Current RPC agent is not set")
+    expect_raises(RuntimeError, rpc.RRef, 1, match="Current RPC agent is not set")
     return "ok"
 
 
@@ -499,7 +504,7 @@ def _failed_remotes_leave_nothing(rank, backend, init_method):
     if rank == 0:
         # Nothing sent (the argument cannot be pickled), to a peer and to self.
         for to in ("worker1", "worker0"):
-            _expect(TypeError, rpc.remote, to, add, (threading.Lock(), 1))
+            expect_raises(TypeError, rpc.remote, to, add, (threading.Lock(), 1))
         info = debug_info()
         assert (info["num_pending_users"], info["num_owner_rrefs"]) == ("0", "0"), info
         # RRefs forked into a message that then fails to pickle: the forks are taken back.
@@ -507,14 +512,14 @@ def _failed_remotes_leave_nothing(rank, backend, init_method):
         theirs = rpc.remote("worker1", make, (1,))
         theirs.to_here()
         for rref in (mine, theirs):
-            _expect(TypeError, rpc.rpc_sync, "worker1", add, (rref, threading.Lock()))
+            expect_raises(TypeError, rpc.rpc_sync, "worker1", add, (rref, threading.Lock()))
         info = debug_info()
         assert (info["num_forks"], info["num_pending_children"]) == ("0", "0"), info
         # Timed out, but it ran on the owner: kept alive through shutdown, whose deletion
         # must still reach the owner.
         late = rpc.remote("worker1", sleep_then, (1, 0.5), timeout=0.1)
-        _expect(rpc.RpcTimeoutError, late._get_future().wait)
-        _expect(RuntimeError, late.to_here, match="RRef creation via rpc.remote\\(\\) timed out")
+        expect_raises(rpc.RpcTimeoutError, late._get_future().wait)
+        expect_raises(RuntimeError, late.to_here, match="RRef creation via rpc.remote() timed out")
         # The function does not exist on the owner: the call never runs there.
         module = sys.modules[__name__]
         missing = types.FunctionType(add.__code__, module.__dict__, "only_on_caller")
@@ -524,11 +529,11 @@ def _failed_remotes_leave_nothing(rank, backend, init_method):
             raced = rpc.remote("worker1", missing, (1, 2))
             # Fetched before the failure is known here: the owner waits for a value that
             # never comes, until this to_here times out (and shutdown releases the owner).
-            _expect(RuntimeError, raced.to_here, 0.5)
+            expect_raises(RuntimeError, raced.to_here, 0.5)
             known = rpc.remote("worker1", missing, (1, 2))
-            _expect(RuntimeError, known._get_future().wait)
-            _expect(AttributeError, known.to_here, match="RPC pickler does not serialize")
-            _expect(AttributeError, known.to_here)  # every time
+            expect_raises(RuntimeError, known._get_future().wait)
+            expect_raises(AttributeError, known.to_here, match="RPC pickler does not serialize")
+            expect_raises(AttributeError, known.to_here)  # every time
         finally:
             del module.only_on_caller
         time.sleep(0.6)  # the late call completes on worker1
@@ -539,7 +544,7 @@ def _failed_remotes_leave_nothing(rank, backend, init_method):
         assert time.monotonic() - start < 0.5, "rpc_async() waited for the remote value"
         assert future.wait() == 9
         assert counter.rpc_async().get().wait() == 9
-        _expect(AttributeError, counter.rpc_async().no_such_method().wait)
+        expect_raises(AttributeError, counter.rpc_async().no_such_method().wait)
     rpc.shutdown()
     return "ok"
 
@@ -567,9 +572,9 @@ def _owner_dies(rank, backend, init_method):
         rpc.rpc_sync("worker1", kill_self)
     start = time.monotonic()
     for rref in (r, slow_value):
-        _expect(RuntimeError, rref.to_here, match="worker1")
+        expect_raises(RuntimeError, rref.to_here, match="worker1")
     assert time.monotonic() - start < 5, "using an RRef of a dead owner must fail promptly"
-    _expect(RuntimeError, rpc.rpc_sync, "worker2", to_here_plus, (r, 1), match="worker1")
+    expect_raises(RuntimeError, rpc.rpc_sync, "worker2", to_here_plus, (r, 1), match="worker1")
     assert rpc.remote("worker2", make, (3,)).to_here()[0].item() == 3.0
     rpc.rpc_sync("worker2", let_leave)
     rpc.shutdown(graceful=False)
@@ -588,8 +593,10 @@ def test_owner_death(backend):
 
 
 def test_rref_before_init():
-    _expect(RuntimeError, rpc.RRef, 1, match="Current RPC agent is not set")
-    _expect(RuntimeError, rpc.remote, "worker1", make, (1,), match="RPC has not been initialized")
+    expect_raises(RuntimeError, rpc.RRef, 1, match="Current RPC agent is not set")
+    expect_raises(
+        RuntimeError, rpc.remote, "worker1", make, (1,), match="RPC has not been initialized"
+    )
 
 
 @pytest.mark.parametrize("n", [1])
