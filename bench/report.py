@@ -24,6 +24,7 @@ ORDER = [
     "rpc_sync 64MiB",
     "rpc_async x1000 pipelined",
     "remote + to_here",
+    "train step, model-parallel RNN",
 ]
 NONE, TIMES = "-", "x"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"

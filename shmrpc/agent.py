@@ -1,14 +1,16 @@
 """The RPC agent: sends requests, runs incoming ones, and matches replies to their callers.
 
 Every message leaves through :meth:`RpcAgent._transmit` and arrives through
-:meth:`RpcAgent.deliver`. Those two methods are the one place all traffic passes with its
-tensors: distributed autograd records its send/recv functions there and device maps apply
-there. Whoever serves a kind of request (the agent itself for calls and all-gathers, the RRef
+:meth:`RpcAgent.deliver`. Between pickling and sending, and between unpacking a message's
+tensors and unpickling it, each message passes the agent's :class:`MessageGate` with all of its
+tensors: distributed autograd records its send/recv functions there (and device maps will
+apply there). Whoever serves a kind of request (the agent itself for calls and all-gathers, the RRef
 context for its protocol) registers a handler with :meth:`RpcAgent.register_handler`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -17,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from typing import Any, Protocol
 
 import torch
@@ -32,11 +35,11 @@ from .errors import (
     describe_exception,
     rebuild_exception,
 )
-from .serialization import Pickled, Serializer
+from .serialization import Pickled, Received, Serializer
 from .transport import Message, Transport, allocate_buffer
 from .worker_info import WorkerInfo
 
-__all__ = ["CallFuture", "Inbound", "Later", "RpcAgent", "failed_future"]
+__all__ = ["CallFuture", "Inbound", "Later", "MessageGate", "RpcAgent", "failed_future"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,51 @@ class Route(Protocol):
     def devices(self) -> frozenset[str]: ...
 
     def send(self, peer: int, message: Message, timeout: float | None = None) -> None: ...
+
+
+class MessageGate(Protocol):
+    """What sees every message with all of its tensors, on both sides (distributed autograd).
+
+    Requests that are not internal carry the sending thread's autograd context; a reply
+    carries the context of its request. The gate records what it must and says which
+    autograd message id the envelope carries.
+    """
+
+    def current_context(self) -> int:
+        """The autograd context of the calling thread (-1: none)."""
+
+    def outgoing(self, to: int, context_id: int, tensors: Sequence[torch.Tensor]) -> int:
+        """A message of context ``context_id`` (not -1) is about to go to rank ``to`` with
+        ``tensors``; return its autograd message id (-1: nothing recorded)."""
+
+    def incoming(self, peer: int, envelope: Envelope, received: Received) -> None:
+        """A message arrived with ``received.tensors``; set their ``requires_grad`` as sent,
+        or replace them (same shape and dtype) with tensors recorded for autograd."""
+
+    def serving(self, context_id: int) -> ContextManager[None]:
+        """Run a request's handler within the context its caller sent (-1: none)."""
+
+
+class PlainGate:
+    """The gate when distributed autograd is not installed: tensors arrive as they were sent."""
+
+    def current_context(self) -> int:
+        return -1
+
+    def outgoing(self, to: int, context_id: int, tensors: Sequence[torch.Tensor]) -> int:
+        return -1
+
+    def incoming(self, peer: int, envelope: Envelope, received: Received) -> None:
+        restore_requires_grad(received)
+
+    def serving(self, context_id: int) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+
+def restore_requires_grad(received: Received) -> None:
+    for t, wanted in zip(received.tensors, received.requires_grad, strict=True):
+        if wanted:
+            t.requires_grad_(True)
 
 
 @dataclasses.dataclass(slots=True)
@@ -204,6 +252,7 @@ class RpcAgent:
         self._transports = list(transports)
         self._max_message_size = max_message_size
         self.serializer = serializer or Serializer()
+        self._gate: MessageGate = PlainGate()
         self._dispatcher = Dispatcher(num_worker_threads, spin_seconds, f"shmrpc-{worker_info.id}")
         self._deadlines = Deadlines(f"shmrpc-{worker_info.id}-deadlines")
 
@@ -262,6 +311,10 @@ class RpcAgent:
             raise ValueError(f"a handler for message kind {kind} is already registered")
         self._handlers[int(kind)] = (handler, internal)
 
+    def set_gate(self, gate: MessageGate) -> None:
+        """Install the gate every message passes (before peers can send anything)."""
+        self._gate = gate
+
     # --------------------------------------------------------------------------- workers
     def get_worker_info(self, worker: str | int | None = None) -> WorkerInfo:
         if worker is None:
@@ -315,7 +368,7 @@ class RpcAgent:
         reply = self._await(call, timeout, to, call.size / _CROSSING_RATE)
         if isinstance(reply, BaseException):
             raise reply
-        ok, value = self._decode_reply(reply)
+        ok, value = self._decode_reply(to.id, reply)
         if not ok:
             raise value
         return value
@@ -389,9 +442,12 @@ class RpcAgent:
             expire = functools.partial(self._expire, call.request_id, timeout, to.name)
             call.timer = self._deadlines.schedule(time.monotonic() + timeout, expire)
         try:
-            self._transmit(
-                to.id, encode(kind, call.request_id, flags, pickled.table), pickled, timeout
-            )
+            context_id = -1 if internal else self._gate.current_context()
+            message_id = -1
+            if context_id != -1:
+                message_id = self._gate.outgoing(to.id, context_id, pickled.tensors)
+            header = encode(kind, call.request_id, flags, pickled.table, context_id, message_id)
+            self._transmit(to.id, header, pickled, timeout)
         except BaseException:
             pickled.cancel()
             if self._take(call.request_id) is not None and call.timer is not None:
@@ -481,7 +537,7 @@ class RpcAgent:
                     call.timer.cancel()
                 own = call.quick or call.waiter == threading.get_ident()
                 submit = self._dispatcher.submit_quick if own else self._dispatcher.submit
-                submit(self._complete, call, message)
+                submit(self._complete, call, peer, message)
             return
         self._dispatcher.submit(self._serve, peer, message, request=True)
 
@@ -502,10 +558,19 @@ class RpcAgent:
             gathering.done.set()  # wakes the waiter, which notices the loss
 
     # --------------------------------------------------------------------------- replies
-    def _decode_reply(self, message: Message) -> tuple[bool, Any]:
+    def _unpickle(
+        self, peer: int, envelope: Envelope, table: bytes, message: Message, context: Any = None
+    ) -> Any:
+        """The message's payload, its tensors through the gate first."""
+        received = self.serializer.unpack(table, message.buffers)
+        if received.tensors or envelope.autograd_context != -1:
+            self._gate.incoming(peer, envelope, received)
+        return self.serializer.load(message.payload, received, context)
+
+    def _decode_reply(self, peer: int, message: Message) -> tuple[bool, Any]:
         try:
             envelope, table = decode(message.header)
-            value = self.serializer.loads(message.payload, table, message.buffers)
+            value = self._unpickle(peer, envelope, table, message)
         except Exception as e:
             e.add_note("shmrpc: could not deserialize a reply")
             return False, e
@@ -513,8 +578,8 @@ class RpcAgent:
             return False, rebuild_exception(value)
         return True, value
 
-    def _complete(self, call: _Call, message: Message) -> None:
-        ok, value = self._decode_reply(message)
+    def _complete(self, call: _Call, peer: int, message: Message) -> None:
+        ok, value = self._decode_reply(peer, message)
         assert call.future is not None
         _settled(call)
         if ok:
@@ -535,7 +600,7 @@ class RpcAgent:
         try:
             if entry is None:
                 raise RuntimeError(f"{self.worker_info} cannot serve message kind {envelope.kind}")
-            payload = self.serializer.loads(message.payload, table, message.buffers, inbound)
+            payload = self._unpickle(peer, envelope, table, message, inbound)
         except BaseException as exc:
             self._finish(inbound, internal, error=exc)
             return
@@ -569,7 +634,12 @@ class RpcAgent:
 
     def _run(self, handler: Handler, inbound: Inbound, payload: Any, internal: bool) -> None:
         try:
-            result = handler(inbound, payload)
+            context_id = inbound.envelope.autograd_context
+            if context_id == -1:
+                result = handler(inbound, payload)
+            else:
+                with self._gate.serving(context_id):
+                    result = handler(inbound, payload)
         except BaseException as exc:
             self._finish(inbound, internal, error=exc)
             return
@@ -633,7 +703,13 @@ class RpcAgent:
                 pickled = self.serializer.dumps(remote)
                 kind = Kind.ERROR
             flags = inbound.envelope.flags & _INTERNAL
-            reply = encode(kind, inbound.envelope.request_id, flags, pickled.table)
+            context_id = inbound.envelope.autograd_context
+            message_id = -1
+            if context_id != -1:
+                message_id = self._gate.outgoing(inbound.peer, context_id, pickled.tensors)
+            reply = encode(
+                kind, inbound.envelope.request_id, flags, pickled.table, context_id, message_id
+            )
             try:
                 self._transmit(inbound.peer, reply, pickled, 0)
             except BaseException as exc:

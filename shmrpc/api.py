@@ -13,6 +13,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import torch
 
+from . import autograd as _autograd_module
 from . import rref as _rref_module
 from .agent import RpcAgent
 from .bootstrap import World, start_agent
@@ -117,6 +118,7 @@ def _publish(world: World | None) -> None:
     global _world, _agent
     _world, _agent = world, None if world is None else world.agent
     _rref_module._set_context(None if world is None else world.rrefs)
+    _autograd_module._set_engine(None if world is None else world.autograd)
 
 
 def _resolve_timeout(timeout: float) -> float:
@@ -281,7 +283,9 @@ def shutdown(graceful: bool = True, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -
             if _world is world:
                 _world, _agent = None, None
                 _rref_module._set_context(None)
+                _autograd_module._set_engine(None)
         world.rrefs.close()
+        world.autograd.close()
         world.agent.stop()
 
 
@@ -315,4 +319,8 @@ def _get_current_rpc_agent() -> RpcAgent:
 
 def _get_debug_info() -> dict[str, str]:
     assert _world is not None
-    return {**_world.agent.get_debug_info(), **_world.rrefs.debug_info()}
+    return {
+        **_world.agent.get_debug_info(),
+        **_world.rrefs.debug_info(),
+        **_world.autograd.debug_info(),
+    }

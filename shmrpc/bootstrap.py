@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .agent import RpcAgent
+from .autograd.engine import DistAutograd
 from .options import RpcBackendOptions
 from .rendezvous import Rendezvous
 from .rref_context import RRefContext
@@ -57,6 +58,7 @@ class World:
 
     agent: RpcAgent
     rrefs: RRefContext
+    autograd: DistAutograd
     rendezvous: Rendezvous  # keeps rank 0's TCPStore server alive
 
 
@@ -94,6 +96,7 @@ def start_agent(
     transports: list[Transport] = []
     agent: RpcAgent | None = None
     rrefs: RRefContext | None = None
+    autograd: DistAutograd | None = None
     published = False
     try:
         for cls in classes:
@@ -115,7 +118,9 @@ def start_agent(
             spin_seconds=options.spin_us * 1e-6,
             max_message_size=options.max_message_size,
         )
-        rrefs = RRefContext(agent, default_timeout)  # its handlers exist before peers can call
+        # Their handlers and the autograd gate exist before peers can call.
+        rrefs = RRefContext(agent, default_timeout)
+        autograd = DistAutograd(agent, default_timeout)
         host.attach(agent)
         for t in used:
             t.connect(
@@ -126,7 +131,8 @@ def start_agent(
                 }
             )
         agent.start()
-        publish(World(agent, rrefs, rendezvous))
+        world = World(agent, rrefs, autograd, rendezvous)
+        publish(world)
         published = True
         rendezvous.barrier("ready")
     except BaseException:
@@ -134,6 +140,8 @@ def start_agent(
             publish(None)
         if rrefs is not None:
             rrefs.close()
+        if autograd is not None:
+            autograd.close()
         if agent is not None:
             agent.stop()
         for t in transports:
@@ -142,8 +150,7 @@ def start_agent(
             except Exception:
                 logger.exception("shmrpc: cleanup of transport %s failed", t.name)
         raise
-    assert rrefs is not None
-    return World(agent, rrefs, rendezvous)
+    return world
 
 
 def _worker_infos(records: list[dict[str, Any]]) -> list[WorkerInfo]:

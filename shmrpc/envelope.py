@@ -33,6 +33,10 @@ class Kind(enum.IntEnum):
     RREF_USER_DELETE = 36  # a UserRRef is gone
     RREF_TYPE = 37  # type of the owner's value (for proxies)
 
+    # distributed autograd (served by the autograd engine)
+    AUTOGRAD_BACKWARD = 48  # gradients for a send function: run the backward pass from it
+    AUTOGRAD_CLEANUP = 49  # one-way: an autograd context was released; release it here too
+
 
 REPLIES = frozenset({Kind.RESULT, Kind.ERROR})
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 
+from .autograd import _rref_backward
 from .constants import UNSET_RPC_TIMEOUT
 from .functions import async_execution
 from .worker_info import WorkerInfo
@@ -136,6 +137,15 @@ class RRef(Generic[T]):
     def remote(self, timeout: float = UNSET_RPC_TIMEOUT) -> Any:
         """Like ``rpc_sync()``, but each method call returns an RRef to its result."""
         return _Proxy(self, "remote", timeout)
+
+    # -------------------------------------------------------------------------- autograd
+    def backward(self, dist_autograd_ctx_id: int = -1, retain_graph: bool = False) -> None:
+        """Backward pass from the value (a scalar tensor), run on the owner.
+
+        With a context id: distributed backward in that context (gradients in
+        ``get_gradients``); without (owner only): a plain local ``torch.autograd.backward``.
+        """
+        _rref_backward(self, dist_autograd_ctx_id, retain_graph)
 
     # ---------------------------------------------------------------------------- private
     def _get_future(self) -> torch.futures.Future[Any]:

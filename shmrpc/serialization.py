@@ -9,6 +9,12 @@ strides, offsets, non-contiguous layouts and storage sharing between tensors of 
 all survive, and a small view of a huge tensor does not drag the whole storage along.
 Protocol-5 out-of-band buffers (numpy arrays, for instance) ride along the same way.
 
+Every tensor of a message, however small, gets an entry in the *tensor table*, and the
+receiver builds them all before it unpickles anything (:meth:`Serializer.unpack`). That is the
+agent's gate: between ``unpack`` and ``load`` it sees each tensor of a message and may replace it
+(distributed autograd attaches its recv function there). Storages up to 8 KiB travel inside the
+table instead of as a buffer of their own.
+
 Extra types (RRefs) plug in with :meth:`Serializer.register`: their reducer runs on the sender,
 their rebuilder on the receiver with a per-message context object.
 
@@ -32,7 +38,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Pickled", "Serializer"]
+__all__ = ["Pickled", "Received", "Serializer"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +92,8 @@ class Pickled:
     table: bytes = b""
     #: Storage ranges of tensors first, then protocol-5 buffers.
     buffers: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    #: The tensors the message references, in pickling order (for autograd and device checks).
+    #: Every tensor the message references, one per table entry, in pickling order (the
+    #: agent's gate reads them: autograd records them, device checks look at them).
     tensors: list[torch.Tensor] = dataclasses.field(default_factory=list)
     #: What registered reducers did that must be taken back if the message is not sent.
     undos: list[tuple[Undo, tuple[Any, ...]]] = dataclasses.field(default_factory=list)
@@ -108,56 +115,44 @@ def _run_undos(undos: list[tuple[Undo, tuple[Any, ...]]]) -> None:
 class _Sending:
     """What one dumps() collects while the pickler runs."""
 
-    __slots__ = ("buffers", "inline", "reducers", "tensors", "undos")
+    __slots__ = ("buffers", "reducers", "tensors", "undos")
 
     def __init__(self, reducers: dict[type, tuple[str, Reducer, Undo | None]]) -> None:
         self.reducers = reducers
         self.undos: list[tuple[Undo, tuple[Any, ...]]] = []
         self.tensors: list[torch.Tensor] = []
         self.buffers: list[torch.Tensor] = []
-        self.inline: dict[int, _InlineStorage] = {}  # data_ptr -> storage pickled inline
 
 
-class _InlineStorage:
-    """A small storage's bytes. One object per storage and message, so pickle's memo makes
-    every tensor of the message that views this storage share one rebuilt storage."""
+@dataclasses.dataclass(slots=True)
+class Received:
+    """A message's tensors, built before its pickle is loaded (see :meth:`Serializer.unpack`).
 
-    __slots__ = ("data",)
+    The agent's gate may replace entries of ``tensors`` (same shape and dtype) before
+    :meth:`Serializer.load` puts them where the pickle references them.
+    """
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
+    tensors: list[torch.Tensor]
+    #: Whether each tensor was sent with ``requires_grad`` set.
+    requires_grad: list[bool]
+    #: Protocol-5 out-of-band buffers (numpy arrays and the like).
+    pickle_buffers: list[Any]
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_storage_from_bytes, (self.data,))
+
+_NOTHING = Received([], [], [])
 
 
 class _Receiving:
-    """What one loads() needs while the unpickler runs."""
+    """What one load() needs while the unpickler runs."""
 
-    __slots__ = ("_entries", "blobs", "context", "rebuilders", "table")
+    __slots__ = ("context", "rebuilders", "tensors")
 
     def __init__(
-        self,
-        table: list[int],
-        blobs: Sequence[torch.Tensor],
-        rebuilders: dict[str, Rebuilder],
-        context: Any,
+        self, tensors: Sequence[torch.Tensor], rebuilders: dict[str, Rebuilder], context: Any
     ) -> None:
-        self.table = table
-        self.blobs = blobs
+        self.tensors = tensors
         self.rebuilders = rebuilders
         self.context = context
-        self._entries: list[int] | None = None
-
-    @property
-    def entries(self) -> list[int]:
-        """Tensor index -> position of its entry in the table (parsed on first use)."""
-        if self._entries is None:
-            self._entries, position, table = [], 1, self.table
-            while position < len(table):
-                self._entries.append(position)
-                position += 6 + 2 * table[position + 5]
-        return self._entries
 
 
 _state = threading.local()
@@ -243,23 +238,27 @@ class Serializer:
         return Pickled(data, tensor_table, blobs + sending.buffers, sending.tensors, sending.undos)
 
     # -------------------------------------------------------------------------- receiving
-    def loads(
-        self,
-        data: bytes | bytearray | memoryview,
-        table: bytes | bytearray | memoryview = b"",
-        buffers: Sequence[torch.Tensor] = (),
-        context: Any = None,
+    def unpack(
+        self, table: bytes | bytearray | memoryview, buffers: Sequence[torch.Tensor]
+    ) -> Received:
+        """Build every tensor a message carries, before anything is unpickled.
+
+        Tensors view the received buffers (memory the receiver owns) or private copies of
+        the storages that travelled inside the table; none has ``requires_grad`` set yet
+        (:class:`Received` says which were sent with it).
+        """
+        if not table:
+            return Received([], [], [b.numpy() for b in buffers]) if buffers else _NOTHING
+        return _unpack_table(table, buffers)
+
+    def load(
+        self, data: bytes | bytearray | memoryview, received: Received, context: Any = None
     ) -> Any:
-        if table:
-            entries = memoryview(table).cast("q").tolist()
-            n_storage = entries[0]
-            blobs, pickle_buffers = buffers[:n_storage], [b.numpy() for b in buffers[n_storage:]]
-        else:
-            entries, blobs, pickle_buffers = [0], (), []
+        """Unpickle ``data`` with the tensors of ``received`` (``context`` goes to rebuilders)."""
         outer = getattr(_state, "receiving", None)
-        _state.receiving = _Receiving(entries, blobs, self._rebuilders, context)
+        _state.receiving = _Receiving(received.tensors, self._rebuilders, context)
         try:
-            return pickle.loads(data, buffers=pickle_buffers)
+            return pickle.loads(data, buffers=received.pickle_buffers)
         except AttributeError as e:
             raise AttributeError(
                 f"{e} Default RPC pickler does not serialize function code. Ensure that UDFs "
@@ -267,6 +266,20 @@ class Serializer:
             ) from e
         finally:
             _state.receiving = outer
+
+    def loads(
+        self,
+        data: bytes | bytearray | memoryview,
+        table: bytes | bytearray | memoryview = b"",
+        buffers: Sequence[torch.Tensor] = (),
+        context: Any = None,
+    ) -> Any:
+        """``unpack`` then ``load``, with ``requires_grad`` restored as sent (no gate)."""
+        received = self.unpack(table, buffers)
+        for t, wanted in zip(received.tensors, received.requires_grad, strict=True):
+            if wanted:
+                t.requires_grad_(True)
+        return self.load(data, received, context)
 
 
 # ------------------------------------------------------------------------------ reducers
@@ -311,21 +324,7 @@ def _reduce_tensor(t: torch.Tensor) -> Any:
         return t.__reduce_ex__(5)  # exotic tensors travel inline, the way torch pickles them
     if t.is_conj() or t.is_neg():
         t = t.resolve_conj().resolve_neg()
-    if not t.numel():  # nothing to send out of band
-        args = (tuple(t.shape), t.stride(), _DTYPE_CODE[t.dtype], t.requires_grad, t.get_device())
-        return (_rebuild_empty, args)
-    sending: _Sending = _state.sending
-    if t.is_cpu:
-        storage = t.untyped_storage()
-        nbytes = storage.nbytes()
-        if nbytes <= _INLINE_STORAGE:
-            ptr = storage.data_ptr()
-            inline = sending.inline.get(ptr)
-            if inline is None:
-                inline = sending.inline[ptr] = _InlineStorage(ctypes.string_at(ptr, nbytes))
-            view = (t.storage_offset(), tuple(t.shape), t.stride(), _DTYPE_CODE[t.dtype])
-            return (_rebuild_inline, (inline, *view, t.requires_grad))
-    tensors = sending.tensors
+    tensors = _state.sending.tensors
     tensors.append(t)
     return (_rebuild_tensor, (len(tensors) - 1,))
 
@@ -342,16 +341,26 @@ def _out_of_band(buffer: pickle.PickleBuffer) -> bool:
     return False
 
 
+#: Table entry flags.
+_REQUIRES_GRAD = 1
+_EMPTY = 2  # no elements: nothing travels but the metadata
+
+
 def _tensor_table(tensors: list[torch.Tensor]) -> tuple[bytes, list[torch.Tensor]]:
     """Describe each tensor relative to the byte range of its storage that the message needs.
 
-    The table is a flat int64 array: the number of storage blobs, then per tensor
-    ``blob, byte offset, dtype code, requires_grad, device (-1 CPU), ndim, *shape, *stride``.
-    Empty tensors never get here (they pickle inline).
+    The table is a flat int64 array, then the bytes of the storages that travel inline:
+    ``n_ints, n_blobs, n_inline, n_tensors``, the length of each inline storage, then per
+    tensor ``storage, byte offset, dtype code, flags, device (-1 CPU), ndim, *shape,
+    *stride``. ``storage`` >= 0 is a blob (a buffer of the message), -1 - k the k-th inline
+    storage. CPU storages up to 8 KiB travel whole inside the table: cheaper than a buffer.
     """
     ranges: dict[tuple[int, int], list[Any]] = {}  # (device, data_ptr) -> [lo, hi, storage]
-    placed: list[tuple[tuple[int, int], int]] = []
+    placed: list[tuple[tuple[int, int], int] | None] = []
     for t in tensors:
+        if not t.numel():
+            placed.append(None)
+            continue
         storage = t.untyped_storage()
         key = (t.get_device(), storage.data_ptr())
         itemsize = t.element_size()
@@ -372,23 +381,71 @@ def _tensor_table(tensors: list[torch.Tensor]) -> tuple[bytes, list[torch.Tensor
         placed.append((key, start))
 
     blobs: list[torch.Tensor] = []
-    blob_of: dict[tuple[int, int], tuple[int, int]] = {}  # key -> (blob index, aligned lo)
+    inline: list[bytes] = []
+    where: dict[tuple[int, int], tuple[int, int]] = {}  # key -> (storage ref, byte base)
     for key, (lo, hi, storage) in ranges.items():
+        nbytes = storage.nbytes()
+        if key[0] < 0 and nbytes <= _INLINE_STORAGE:
+            where[key] = (-1 - len(inline), 0)
+            inline.append(ctypes.string_at(storage.data_ptr(), nbytes))
+            continue
         lo -= lo % _ALIGN
         blob = torch.empty(0, dtype=torch.uint8, device=storage.device)
         blob.set_(storage, lo, (hi - lo,), (1,))
-        blob_of[key] = (len(blobs), lo)
+        where[key] = (len(blobs), lo)
         blobs.append(blob)
 
-    table = [len(blobs)]
-    for t, (key, start) in zip(tensors, placed, strict=True):
-        index, lo = blob_of[key]
-        offset = start - lo
+    table = [0, len(blobs), len(inline), len(tensors)]
+    table += [len(data) for data in inline]
+    for t, place in zip(tensors, placed, strict=True):
+        flags = _REQUIRES_GRAD if t.requires_grad else 0
+        if place is None:
+            ref, offset, flags = 0, 0, flags | _EMPTY
+        else:
+            key, start = place
+            ref, base = where[key]
+            offset = start - base
         shape = t.shape
-        table += (index, offset, _DTYPE_CODE[t.dtype], t.requires_grad, t.get_device(), len(shape))
+        table += (ref, offset, _DTYPE_CODE[t.dtype], flags, t.get_device(), len(shape))
         table += shape
         table += t.stride()
-    return array.array("q", table).tobytes(), blobs
+    table[0] = len(table)
+    return array.array("q", table).tobytes() + b"".join(inline), blobs
+
+
+def _unpack_table(
+    table: bytes | bytearray | memoryview, buffers: Sequence[torch.Tensor]
+) -> Received:
+    view = memoryview(table)
+    n_ints = int.from_bytes(view[:8], "little", signed=True)
+    ints = view[: n_ints * 8].cast("q").tolist()
+    _, n_blobs, n_inline, n_tensors = ints[:4]
+    inline: list[torch.Tensor] = []
+    start = n_ints * 8
+    for length in ints[4 : 4 + n_inline]:
+        # a private, writable copy (value semantics)
+        inline.append(torch.frombuffer(bytearray(view[start : start + length]), dtype=torch.uint8))
+        start += length
+    at = 4 + n_inline
+    tensors: list[torch.Tensor] = []
+    requires_grad: list[bool] = []
+    for _ in range(n_tensors):
+        ref, offset, code, flags, device, ndim = ints[at : at + 6]
+        shape = ints[at + 6 : at + 6 + ndim]
+        stride = ints[at + 6 + ndim : at + 6 + 2 * ndim]
+        at += 6 + 2 * ndim
+        dtype = _dtype(code)
+        if flags & _EMPTY:
+            where = torch.device("cpu") if device < 0 else torch.device("cuda", device)
+            t = torch.empty_strided(shape, stride, dtype=dtype, device=where)
+        else:
+            holder = buffers[ref] if ref >= 0 else inline[-1 - ref]
+            t = torch.empty(0, dtype=dtype, device=holder.device)
+            begin = holder.storage_offset() + offset
+            t.set_(holder.untyped_storage(), begin // dtype.itemsize, shape, stride)
+        tensors.append(t)
+        requires_grad.append(bool(flags & _REQUIRES_GRAD))
+    return Received(tensors, requires_grad, [b.numpy() for b in buffers[n_blobs:]])
 
 
 # ---------------------------------------------------------------------------- rebuilders
@@ -399,48 +456,7 @@ def _rebuild_tensor(index: int) -> torch.Tensor:
     receiving: _Receiving | None = getattr(_state, "receiving", None)
     if receiving is None:
         raise pickle.UnpicklingError("shmrpc tensors can only be unpickled by shmrpc")
-    table = receiving.table
-    at = receiving.entries[index]
-    blob_index, offset, code, requires_grad, _device, ndim = table[at : at + 6]
-    shape = table[at + 6 : at + 6 + ndim]
-    stride = table[at + 6 + ndim : at + 6 + 2 * ndim]
-    dtype = _dtype(code)
-    blob = receiving.blobs[blob_index]
-    start = blob.storage_offset() + offset
-    t = torch.empty(0, dtype=dtype, device=blob.device)
-    t.set_(blob.untyped_storage(), start // dtype.itemsize, shape, stride)
-    if requires_grad:
-        t.requires_grad_(True)
-    return t
-
-
-def _storage_from_bytes(data: bytes) -> torch.Tensor:
-    """A private, writable copy of an inline storage (value semantics), as a uint8 tensor."""
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
-def _rebuild_inline(
-    holder: torch.Tensor,
-    offset: int,
-    shape: tuple[int, ...],
-    stride: tuple[int, ...],
-    code: int,
-    requires_grad: bool,
-) -> torch.Tensor:
-    t = torch.empty(0, dtype=_dtype(code))
-    t.set_(holder.untyped_storage(), offset, shape, stride)
-    if requires_grad:
-        t.requires_grad_(True)
-    return t
-
-
-def _rebuild_empty(
-    shape: tuple[int, ...], stride: tuple[int, ...], code: int, requires_grad: bool, device: int
-) -> torch.Tensor:
-    where = torch.device("cpu") if device < 0 else torch.device("cuda", device)
-    return torch.empty_strided(
-        shape, stride, dtype=_dtype(code), device=where, requires_grad=requires_grad
-    )
+    return receiving.tensors[index]
 
 
 def _dtype(code: int) -> torch.dtype:

@@ -24,6 +24,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 import shmrpc
 
 BACKENDS = ("shm", "tcp", "auto")
@@ -266,6 +268,16 @@ def add(a: Any, b: Any) -> Any:
 def sleep_then(x: Any, delay: float) -> Any:
     time.sleep(delay)
     return x
+
+
+def make_linear(seed: int, n_in: int, n_out: int) -> Any:
+    """A Linear layer whose parameters depend only on ``seed`` (the same on every worker)."""
+    generator = torch.Generator().manual_seed(seed)
+    module = torch.nn.Linear(n_in, n_out)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    return module
 
 
 def kill_self() -> None:
