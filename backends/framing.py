@@ -1,10 +1,14 @@
 """How one Message is laid out on a byte stream (the shm ring, a TCP socket).
 
     prefix  u64 body length | u32 header length | u32 buffer count | u64 payload length
-    body    u64 length of each buffer | header | payload | buffer bytes, back to back
+    body    u64 length of each buffer | [i64 device code of each buffer] | header | payload |
+            buffer bytes, back to back
 
 The prefix says how much follows, so a reader can tell whether a whole message has arrived
-and allocate every destination before copying.
+and allocate every destination before copying. Device codes are present only when the top
+bit of the buffer count is set (a message that involves a GPU): -1 for host memory, ``k`` for
+bytes that land on ``cuda:k``, ``cuda.IPC | k`` for an IPC descriptor of memory that is copied
+onto ``cuda:k`` (see ``cuda.py``).
 """
 
 from __future__ import annotations
@@ -16,19 +20,25 @@ import torch
 
 from shmrpc.transport import Message
 
-__all__ = ["PREFIX", "Frame", "describe", "small_message"]
+from . import cuda
+
+__all__ = ["PREFIX", "Frame", "assemble", "describe", "for_the_wire", "small_message"]
 
 PREFIX = struct.Struct("<QIIQ")
+_PLACED = 1 << 31  # buffer count flag: device codes follow the lengths
+_HOST = -1
 
 
 class Frame:
     """The parsed prefix of a message: sizes of its parts."""
 
-    __slots__ = ("body", "buffer_count", "header", "payload")
+    __slots__ = ("body", "buffer_count", "header", "payload", "placed")
 
     def __init__(self, prefix: bytes | bytearray | memoryview | tuple[int, int, int, int]) -> None:
         fields = prefix if isinstance(prefix, tuple) else PREFIX.unpack_from(prefix)
-        self.body, self.header, self.buffer_count, self.payload = fields
+        self.body, self.header, count, self.payload = fields
+        self.placed = bool(count & _PLACED)
+        self.buffer_count = count & ~_PLACED
 
     @property
     def total(self) -> int:
@@ -36,21 +46,74 @@ class Frame:
 
     @property
     def lengths_size(self) -> int:
-        return 8 * self.buffer_count
+        """Bytes of the per-buffer table (lengths, and device codes if any)."""
+        return (16 if self.placed else 8) * self.buffer_count
 
     def buffer_lengths(self, raw: bytes | bytearray | memoryview) -> Sequence[int]:
         return struct.unpack_from(f"<{self.buffer_count}Q", raw) if self.buffer_count else ()
 
+    def device_codes(self, raw: bytes | bytearray | memoryview) -> Sequence[int]:
+        if not self.placed:
+            return ()
+        return struct.unpack_from(f"<{self.buffer_count}q", raw, 8 * self.buffer_count)
 
-def describe(message: Message) -> tuple[bytes, int]:
-    """The prefix and buffer-length table of ``message``, and its total size on the stream."""
+
+def for_the_wire(message: Message, ipc: bool) -> tuple[Message, list[int]]:
+    """``message`` with host-memory buffers only, and the device code of each buffer.
+
+    A CUDA buffer becomes an IPC descriptor (``ipc``: the peer shares this host and lands it
+    on a GPU) or a staged host copy. Host messages pass unchanged, with no codes.
+    """
+    targets = message.targets
+    if not targets and all(b.is_cpu for b in message.buffers):
+        return message, []
+    buffers: list[torch.Tensor] = []
+    codes: list[int] = []
+    for i, buffer in enumerate(message.buffers):
+        target = targets[i] if targets else torch.device("cpu")
+        to_gpu = target.type == "cuda"
+        index = target.index or 0
+        if buffer.is_cuda and ipc and to_gpu:
+            buffers.append(cuda.share(buffer))
+            codes.append(cuda.IPC | index)
+            continue
+        buffers.append(cuda.stage(buffer) if buffer.is_cuda else buffer)
+        codes.append(index if to_gpu else _HOST)
+    return Message(message.header, message.payload, buffers), codes
+
+
+def describe(message: Message, codes: Sequence[int] = ()) -> tuple[bytes, int]:
+    """The prefix and buffer table of ``message``, and its total size on the stream."""
     header, payload, buffers = len(message.header), len(message.payload), message.buffers
     if not buffers:
         return PREFIX.pack(header + payload, header, 0, payload), PREFIX.size + header + payload
     lengths = [b.numel() for b in buffers]
-    body = 8 * len(lengths) + header + payload + sum(lengths)
-    head = struct.pack(f"<QIIQ{len(lengths)}Q", body, header, len(lengths), payload, *lengths)
+    n = len(lengths)
+    if not codes:
+        body = 8 * n + header + payload + sum(lengths)
+        return struct.pack(f"<QIIQ{n}Q", body, header, n, payload, *lengths), PREFIX.size + body
+    body = 16 * n + header + payload + sum(lengths)
+    head = struct.pack(f"<QIIQ{n}Q{n}q", body, header, n | _PLACED, payload, *lengths, *codes)
     return head, PREFIX.size + body
+
+
+def assemble(
+    frame: Frame,
+    table: bytes | bytearray | memoryview,
+    header: bytes | bytearray | memoryview,
+    payload: bytes | bytearray | memoryview,
+    buffers: list[torch.Tensor],
+) -> Message:
+    """The received message, each buffer on the device its code names."""
+    for i, code in enumerate(frame.device_codes(table)):
+        if code == _HOST:
+            continue
+        device = torch.device("cuda", code & ~cuda.IPC)
+        if code & cuda.IPC:
+            buffers[i] = cuda.open_shared(buffers[i], device)
+        else:
+            buffers[i] = cuda.land(buffers[i], device)
+    return Message(bytes(header), payload, buffers)
 
 
 def small_message(
@@ -81,4 +144,4 @@ def small_message(
                 if n
                 else torch.empty(0, dtype=torch.uint8)
             )
-    return Message(header, payload, buffers)
+    return assemble(frame, meta, header, payload, buffers)

@@ -45,7 +45,7 @@ from shmrpc.transport import (
     allocate_buffer,
 )
 
-from .framing import PREFIX, Frame, describe, small_message
+from .framing import PREFIX, Frame, assemble, describe, for_the_wire, small_message
 from .ring import CONTROL_BYTES, Ring
 
 __all__ = ["ShmTransport", "sweep_dead_names"]
@@ -188,6 +188,7 @@ class _Channel:
 class ShmTransport(Transport):
     name = "shm"
     cheap_poll = _X86
+    devices = frozenset({"cpu", "cuda"})  # CUDA buffers by IPC handle (cuda.py)
 
     def __init__(self, config: TransportConfig, host: TransportHost) -> None:
         super().__init__(config, host)
@@ -405,7 +406,8 @@ class ShmTransport(Transport):
             raise PeerLostError(f"shm: no channel to rank {peer}")
         if channel.lost is not None:
             raise channel.lost
-        head, total = describe(message)
+        message, codes = for_the_wire(message, ipc=True)  # CUDA buffers go by IPC handle
+        head, total = describe(message, codes)
         lock = channel.send_lock
         if not (lock.acquire() if timeout is None else lock.acquire(timeout=timeout)):
             raise TimeoutError(f"shm: the channel to rank {peer} stayed busy for {timeout} s")
@@ -515,7 +517,7 @@ class ShmTransport(Transport):
             buffer = allocate_buffer(n)
             self._stream_into(channel, buffer.numpy())
             buffers.append(buffer)
-        return Message(header, payload, buffers)
+        return assemble(frame, raw, header, payload, buffers)
 
     @staticmethod
     def _read_whole(ring: Ring, frame: Frame) -> Message:

@@ -40,7 +40,7 @@ from shmrpc.transport import (
 )
 
 from .auth import answer_challenge, deliver_challenge, recv_small, send_small
-from .framing import PREFIX, Frame, describe, small_message
+from .framing import PREFIX, Frame, assemble, describe, for_the_wire, small_message
 
 __all__ = ["TcpTransport"]
 
@@ -90,8 +90,8 @@ class _Partial:
                 return None
         at = self.frame.lengths_size
         view = memoryview(self.meta)
-        header = bytes(view[at : at + self.frame.header])
-        return Message(header, view[at + self.frame.header :], self.buffers)
+        header = view[at : at + self.frame.header]
+        return assemble(self.frame, view, header, view[at + self.frame.header :], self.buffers)
 
 
 class _Connection:
@@ -110,6 +110,7 @@ class _Connection:
 class TcpTransport(Transport):
     name = "tcp"
     cheap_poll = True
+    devices = frozenset({"cpu", "cuda"})  # CUDA buffers staged through host memory (cuda.py)
 
     def __init__(self, config: TransportConfig, host: TransportHost) -> None:
         super().__init__(config, host)
@@ -245,7 +246,8 @@ class TcpTransport(Transport):
             raise PeerLostError(f"tcp: no connection to rank {peer}")
         if connection.lost is not None:
             raise connection.lost
-        head, total = describe(message)
+        message, codes = for_the_wire(message, ipc=False)  # CUDA buffers go staged
+        head, total = describe(message, codes)
         views = [head, message.header, message.payload]
         views += [memoryview(cast(Any, b.numpy())) for b in message.buffers if b.numel()]
         lock = connection.send_lock

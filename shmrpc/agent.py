@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from .deadlines import Deadlines
+from .devices import DeviceMaps
 from .dispatcher import Dispatcher
 from .envelope import HEADER_SIZE, Envelope, Flag, Kind, decode, encode
 from .errors import (
@@ -214,11 +215,12 @@ class _Loopback:
 
     def send(self, peer: int, message: Message, timeout: float | None = None) -> None:
         copies = []
-        for buffer in message.buffers:
-            if buffer.is_cuda:
-                copies.append(buffer.clone())
-            else:
+        for i, buffer in enumerate(message.buffers):
+            target = message.targets[i] if message.targets else buffer.device
+            if target.type == "cpu":
                 copies.append(allocate_buffer(buffer.numel()).copy_(buffer))
+            else:
+                copies.append(buffer.to(target, copy=True))
         self._agent.deliver(peer, Message(message.header, bytes(message.payload), copies))
 
 
@@ -243,6 +245,7 @@ class RpcAgent:
         spin_seconds: float,
         max_message_size: int | None = None,
         serializer: Serializer | None = None,
+        device_maps: DeviceMaps | None = None,
     ) -> None:
         self.worker_info = worker_info
         self._infos = list(worker_infos)
@@ -251,6 +254,8 @@ class RpcAgent:
         self._routes[worker_info.id] = _Loopback(self)
         self._transports = list(transports)
         self._max_message_size = max_message_size
+        names = [info.name for info in self._infos]
+        self._devices = device_maps or DeviceMaps(worker_info.name, names, {})
         self.serializer = serializer or Serializer()
         self._gate: MessageGate = PlainGate()
         self._dispatcher = Dispatcher(num_worker_threads, spin_seconds, f"shmrpc-{worker_info.id}")
@@ -397,7 +402,7 @@ class RpcAgent:
 
     def notify(self, to: WorkerInfo, kind: int, payload: Any) -> None:
         """Send a one-way internal message (no reply); raises if it cannot be sent."""
-        pickled = self.serializer.dumps(payload)
+        pickled = self.serializer.dumps(payload, self._devices.requests[to.name])
         header = encode(kind, 0, _INTERNAL | _NO_REPLY, pickled.table)
         try:
             self._transmit(to.id, header, pickled, 0)
@@ -419,7 +424,7 @@ class RpcAgent:
         if self._stopped:
             raise RuntimeError(f"RPC agent of {self.worker_info} was shut down")
         try:
-            pickled = self.serializer.dumps(payload)
+            pickled = self.serializer.dumps(payload, self._devices.requests[to.name])
         except Exception as e:
             e.add_note(f"shmrpc: could not serialize the request to {to.name}")
             raise
@@ -501,7 +506,7 @@ class RpcAgent:
     # -------------------------------------------------------------------------- the wire
     def _transmit(self, rank: int, header: bytes, pickled: Pickled, timeout: float) -> None:
         """Every outgoing message passes here."""
-        message = Message(header, pickled.data, pickled.buffers)
+        message = Message(header, pickled.data, pickled.buffers, pickled.targets)
         limit = self._max_message_size
         if limit is not None and message.nbytes > limit:
             raise MessageTooLargeError(
@@ -512,13 +517,11 @@ class RpcAgent:
         if lost is not None:
             raise PeerLostError(f"{self._infos[rank]} is gone: {lost}")
         route = self._routes[rank]
-        for buffer in message.buffers:
-            if buffer.is_cuda and "cuda" not in route.devices:
-                raise RuntimeError(
-                    "shmrpc only supports CPU tensors by default, please move your tensors to "
-                    "CPU before sending them over RPC, or configure device maps. Request device "
-                    f"mapping is not available for destination {self._infos[rank].name}"
-                )
+        if message.targets and "cuda" not in route.devices:
+            raise RuntimeError(
+                f"the {getattr(route, 'name', 'self')} transport to {self._infos[rank].name} "
+                "cannot carry CUDA tensors; move them to the CPU before sending"
+            )
         route.send(rank, message, timeout if timeout > 0 else None)
 
     def deliver(self, peer: int, message: Message) -> None:
@@ -526,9 +529,14 @@ class RpcAgent:
         header = message.header
         if header[0] in _REPLY_KINDS:
             request_id = int.from_bytes(header[_REQUEST_ID_AT : HEADER_SIZE - 16], "little")
+            pending = self._calls.get(request_id)
+            if pending is None or pending.peer != peer:
+                # The call timed out, or its peer was declared lost; or the reply is not from
+                # the worker asked, and the call keeps waiting for the real one.
+                return
             call = self._take(request_id)
-            if call is None or call.peer != peer:
-                return  # the call timed out or its peer was declared lost: drop the reply
+            if call is None:
+                return  # it expired meanwhile
             if call.latch is not None:
                 call.reply = message
                 call.latch.release()
@@ -679,48 +687,64 @@ class RpcAgent:
         value: Any = None,
         error: BaseException | None = None,
     ) -> None:
-        """Reply to ``inbound`` with ``value`` or ``error``."""
+        """Reply to ``inbound`` with ``value`` or ``error``.
+
+        A value that cannot be sent (unpicklable, too large, on a device with no map back to
+        the caller) is answered with that error instead: the caller never waits for a reply
+        that is not coming.
+        """
         if inbound.envelope.flags & _NO_REPLY:
             if error is not None:
                 logger.warning("shmrpc: notification %s failed: %s", inbound.envelope.kind, error)
             return
         try:
             if error is None:
-                try:
-                    pickled = self.serializer.dumps(value)
-                    kind = Kind.RESULT
-                except Exception as exc:
-                    exc.add_note("shmrpc: could not serialize the return value")
-                    error = exc
+                error = self._reply(inbound, Kind.RESULT, value)
             if error is not None:
-                if isinstance(error, DescribedError):
-                    remote = error.description
-                elif isinstance(error, Exception):
-                    remote = describe_exception(error, self.worker_info)
-                    print(remote[2], file=sys.stderr)  # torch prints remote errors on the callee
-                else:  # SystemExit, KeyboardInterrupt in a UDF: report, keep the worker alive
-                    remote = ("builtins", "RuntimeError", f"{type(error).__name__}: {error}")
-                pickled = self.serializer.dumps(remote)
-                kind = Kind.ERROR
-            flags = inbound.envelope.flags & _INTERNAL
-            context_id = inbound.envelope.autograd_context
-            message_id = -1
-            if context_id != -1:
-                message_id = self._gate.outgoing(inbound.peer, context_id, pickled.tensors)
-            reply = encode(
-                kind, inbound.envelope.request_id, flags, pickled.table, context_id, message_id
-            )
-            try:
-                self._transmit(inbound.peer, reply, pickled, 0)
-            except BaseException as exc:
-                pickled.cancel()
-                if not isinstance(exc, PeerLostError):
-                    raise
-                logger.debug("shmrpc: caller %s is gone; reply dropped", inbound.peer)
+                failed = self._reply(inbound, Kind.ERROR, self._describe(error))
+                if failed is not None:
+                    logger.warning("shmrpc: could not send an error reply: %s", failed)
         finally:
             if not internal:
                 with self._stats_lock:
                     self._serving -= 1
+
+    def _describe(self, error: BaseException) -> tuple[str, str, str]:
+        """What an error reply carries (errors.RemoteError)."""
+        if isinstance(error, DescribedError):
+            return error.description
+        if isinstance(error, Exception):
+            remote = describe_exception(error, self.worker_info)
+            print(remote[2], file=sys.stderr)  # torch prints remote errors on the callee
+            return remote
+        # SystemExit, KeyboardInterrupt in a UDF: report, keep the worker alive
+        return ("builtins", "RuntimeError", f"{type(error).__name__}: {error}")
+
+    def _reply(self, inbound: Inbound, kind: int, value: Any) -> Exception | None:
+        """Send one reply; return the error that kept it from going (a lost caller is none)."""
+        caller = self._infos[inbound.peer]
+        try:
+            pickled = self.serializer.dumps(value, self._devices.responses[caller.name])
+        except Exception as exc:
+            exc.add_note("shmrpc: could not serialize the return value")
+            return exc
+        context_id = inbound.envelope.autograd_context
+        message_id = -1
+        if context_id != -1:
+            message_id = self._gate.outgoing(inbound.peer, context_id, pickled.tensors)
+        flags = inbound.envelope.flags & _INTERNAL
+        header = encode(
+            kind, inbound.envelope.request_id, flags, pickled.table, context_id, message_id
+        )
+        try:
+            self._transmit(inbound.peer, header, pickled, 0)
+        except PeerLostError:
+            pickled.cancel()
+            logger.debug("shmrpc: caller %s is gone; reply dropped", caller)
+        except Exception as exc:
+            pickled.cancel()
+            return exc
+        return None
 
     def _serve_call(self, inbound: Inbound, payload: tuple[Any, Any, Any]) -> Any:
         func, args, kwargs = payload

@@ -15,6 +15,7 @@ from typing import Any
 
 from .agent import RpcAgent
 from .autograd.engine import DistAutograd
+from .devices import DeviceMaps, local_device_record, parse_records, validate_device_maps
 from .options import RpcBackendOptions
 from .rendezvous import Rendezvous
 from .rref_context import RRefContext
@@ -102,8 +103,13 @@ def start_agent(
         for cls in classes:
             transports.append(cls(config, host))
         addresses = {t.name: t.listen() for t in transports}
-        records = rendezvous.exchange({"name": name, "pid": os.getpid(), "transports": addresses})
+        devices = local_device_record(options.device_maps, options.devices)
+        records = rendezvous.exchange(
+            {"name": name, "pid": os.getpid(), "transports": addresses, "devices": devices}
+        )
         infos = _worker_infos(records)
+        names, counts, maps, listed = parse_records(records)
+        validate_device_maps(names, counts, maps, listed)  # every rank raises alike
         routes = _choose_routes(rank, backend, transports, addresses, records)
         used = [t for t in transports if t in routes.values()]
         for t in transports:
@@ -117,6 +123,7 @@ def start_agent(
             num_worker_threads=options.num_worker_threads,
             spin_seconds=options.spin_us * 1e-6,
             max_message_size=options.max_message_size,
+            device_maps=DeviceMaps(name, names, maps),
         )
         # Their handlers and the autograd gate exist before peers can call.
         rrefs = RRefContext(agent, default_timeout)

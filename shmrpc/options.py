@@ -103,8 +103,11 @@ class RpcBackendOptions:
         self.transport_options = dict(transport_options)
 
     def set_device_map(self, to: str, device_map: Mapping[DeviceLike, DeviceLike]) -> None:
-        """Map local devices to ``to``'s devices for tensors sent there (1-to-1)."""
-        current = self.device_maps.setdefault(to, {})
+        """Map local devices to ``to``'s devices for tensors sent there (1-to-1).
+
+        A map that fails a check leaves the options as they were.
+        """
+        current = dict(self.device_maps.get(to, {}))
         for src, dst in device_map.items():
             s, d = _device(src), _device(dst)
             if s in current and current[s] != d:
@@ -118,6 +121,7 @@ class RpcBackendOptions:
             raise ValueError(
                 f"`device_map` only supports 1-to-1 mapping, got {current} for worker {to}"
             )
+        self.device_maps[to] = current
 
     def set_devices(self, devices: list[DeviceLike]) -> None:
         parsed = [_device(d) for d in devices]

@@ -77,6 +77,10 @@ _DTYPE_NAMES = (
 _DTYPES: list[torch.dtype | None] = [getattr(torch, name, None) for name in _DTYPE_NAMES]
 _DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES) if d is not None}
 
+_CPU = torch.device("cpu")
+
+#: Where a tensor on a device lands on the receiver (shmrpc.devices.Placement).
+Place = Callable[[torch.device], torch.device]
 Reducer = Callable[[Any], tuple[Any, ...]]
 Rebuilder = Callable[..., Any]
 #: Takes back what a reducer did (given what it returned) when its message is never sent.
@@ -97,6 +101,9 @@ class Pickled:
     tensors: list[torch.Tensor] = dataclasses.field(default_factory=list)
     #: What registered reducers did that must be taken back if the message is not sent.
     undos: list[tuple[Undo, tuple[Any, ...]]] = dataclasses.field(default_factory=list)
+    #: The device each buffer lands on at the receiver; empty when every one is host memory
+    #: that stays host memory (the usual case).
+    targets: list[torch.device] = dataclasses.field(default_factory=list)
 
     def cancel(self) -> None:
         """The message will not be sent: take back what pickling it did (e.g. RRef forks)."""
@@ -195,7 +202,9 @@ class Serializer:
         return self._dispatch
 
     # ---------------------------------------------------------------------------- sending
-    def dumps(self, obj: Any) -> Pickled:
+    def dumps(self, obj: Any, place: Place | None = None) -> Pickled:
+        """Pickle ``obj``; ``place(device)`` says where a tensor on ``device`` lands on the
+        receiver (it raises for a device with nowhere to go). None: where it is now."""
         if type(obj) in _PLAIN:  # no tensor can hide in these
             return Pickled(pickle.dumps(obj, protocol=5))
         local = self._local
@@ -234,8 +243,16 @@ class Serializer:
                 local.busy = False
         if not sending.tensors and not sending.buffers:
             return Pickled(data, undos=sending.undos)
-        tensor_table, blobs = _tensor_table(sending.tensors)
-        return Pickled(data, tensor_table, blobs + sending.buffers, sending.tensors, sending.undos)
+        try:
+            tensor_table, blobs, targets = _tensor_table(sending.tensors, place)
+        except BaseException:  # a tensor with nowhere to go: the message is not sent
+            _run_undos(sending.undos)
+            raise
+        if targets and sending.buffers:  # protocol-5 buffers are host memory and stay there
+            targets += [_CPU] * len(sending.buffers)
+        return Pickled(
+            data, tensor_table, blobs + sending.buffers, sending.tensors, sending.undos, targets
+        )
 
     # -------------------------------------------------------------------------- receiving
     def unpack(
@@ -346,15 +363,28 @@ _REQUIRES_GRAD = 1
 _EMPTY = 2  # no elements: nothing travels but the metadata
 
 
-def _tensor_table(tensors: list[torch.Tensor]) -> tuple[bytes, list[torch.Tensor]]:
+def _tensor_table(
+    tensors: list[torch.Tensor], place: Place | None
+) -> tuple[bytes, list[torch.Tensor], list[torch.device]]:
     """Describe each tensor relative to the byte range of its storage that the message needs.
 
     The table is a flat int64 array, then the bytes of the storages that travel inline:
     ``n_ints, n_blobs, n_inline, n_tensors``, the length of each inline storage, then per
     tensor ``storage, byte offset, dtype code, flags, device (-1 CPU), ndim, *shape,
     *stride``. ``storage`` >= 0 is a blob (a buffer of the message), -1 - k the k-th inline
-    storage. CPU storages up to 8 KiB travel whole inside the table: cheaper than a buffer.
+    storage. ``device`` is where the tensor lands on the receiver (``place``). CPU storages up
+    to 8 KiB that stay on the CPU travel whole inside the table: cheaper than a buffer.
+
+    Returns the table, the blobs, and each blob's target device (empty: all stay on the CPU).
     """
+    targets: dict[torch.device, torch.device] = {}
+
+    def target_of(device: torch.device) -> torch.device:
+        found = targets.get(device)
+        if found is None:
+            found = targets[device] = device if place is None else place(device)
+        return found
+
     ranges: dict[tuple[int, int], list[Any]] = {}  # (device, data_ptr) -> [lo, hi, storage]
     placed: list[tuple[tuple[int, int], int] | None] = []
     for t in tensors:
@@ -381,11 +411,13 @@ def _tensor_table(tensors: list[torch.Tensor]) -> tuple[bytes, list[torch.Tensor
         placed.append((key, start))
 
     blobs: list[torch.Tensor] = []
+    blob_targets: list[torch.device] = []
     inline: list[bytes] = []
     where: dict[tuple[int, int], tuple[int, int]] = {}  # key -> (storage ref, byte base)
     for key, (lo, hi, storage) in ranges.items():
         nbytes = storage.nbytes()
-        if key[0] < 0 and nbytes <= _INLINE_STORAGE:
+        target = target_of(storage.device)
+        if key[0] < 0 and nbytes <= _INLINE_STORAGE and target.type == "cpu":
             where[key] = (-1 - len(inline), 0)
             inline.append(ctypes.string_at(storage.data_ptr(), nbytes))
             continue
@@ -394,23 +426,28 @@ def _tensor_table(tensors: list[torch.Tensor]) -> tuple[bytes, list[torch.Tensor
         blob.set_(storage, lo, (hi - lo,), (1,))
         where[key] = (len(blobs), lo)
         blobs.append(blob)
+        blob_targets.append(target)
 
     table = [0, len(blobs), len(inline), len(tensors)]
     table += [len(data) for data in inline]
-    for t, place in zip(tensors, placed, strict=True):
+    for t, spot in zip(tensors, placed, strict=True):
         flags = _REQUIRES_GRAD if t.requires_grad else 0
-        if place is None:
+        if spot is None:
             ref, offset, flags = 0, 0, flags | _EMPTY
         else:
-            key, start = place
+            key, start = spot
             ref, base = where[key]
             offset = start - base
         shape = t.shape
-        table += (ref, offset, _DTYPE_CODE[t.dtype], flags, t.get_device(), len(shape))
+        lands = target_of(t.device)
+        device = -1 if lands.type == "cpu" else lands.index
+        table += (ref, offset, _DTYPE_CODE[t.dtype], flags, device, len(shape))
         table += shape
         table += t.stride()
     table[0] = len(table)
-    return array.array("q", table).tobytes() + b"".join(inline), blobs
+    if all(d.type == "cpu" for d in blob_targets) and all(b.is_cpu for b in blobs):
+        blob_targets = []
+    return array.array("q", table).tobytes() + b"".join(inline), blobs, blob_targets
 
 
 def _unpack_table(

@@ -57,8 +57,14 @@ class Message(NamedTuple):
 
     ``header`` and ``payload`` are CPU bytes the engine encoded; a transport delivers them
     verbatim. ``buffers`` are 1-D contiguous ``torch.uint8`` tensors on any device. On the
-    receiving side every buffer is memory the receiver owns (never a view into a shared ring)
-    and its storage offset is a multiple of 64 bytes.
+    receiving side every buffer is memory the receiver owns (never a view into a shared ring
+    or into the sender's memory) and its storage offset is a multiple of 64 bytes.
+
+    ``targets`` says on which device each buffer must arrive (empty: host memory for all, the
+    usual case). How a buffer gets there is the transport's choice: copied through a ring,
+    sent with scatter/gather I/O, staged through host memory, or passed as a CUDA IPC handle.
+    A CUDA buffer is ordered by the sending thread's current stream at ``send()``: the
+    transport reads it only after the work queued there so far.
 
     (A NamedTuple rather than a frozen dataclass: one is built per message, and frozen
     dataclasses pay for their immutability on every construction.)
@@ -67,6 +73,7 @@ class Message(NamedTuple):
     header: bytes
     payload: bytes | bytearray | memoryview
     buffers: Sequence[torch.Tensor] = ()
+    targets: Sequence[torch.device] = ()
 
     @property
     def nbytes(self) -> int:

@@ -214,6 +214,18 @@ def _too_large(rank, init_method, backend):
         )
         assert "exceeds max_message_size=1048576" in str(e) and isinstance(e, RuntimeError)
         assert torch.equal(rpc.rpc_sync("worker1", add, (torch.ones(4), 1)), torch.full((4,), 2.0))
+        # A reply too large to send comes back as that error, at once: with no limit on the
+        # call (timeout 0) the caller would otherwise wait forever.
+        e = expect_raises(
+            rpc.MessageTooLargeError,
+            rpc.rpc_sync,
+            "worker1",
+            torch.ones,
+            (1 << 19,),
+            timeout=0,
+            match="exceeds max_message_size=1048576",
+        )
+        assert "to worker0" in str(e)
     rpc.shutdown()
 
 
@@ -271,3 +283,43 @@ def test_bad_init_arguments():
     expect_raises(TypeError, rpc.RpcBackendOptions, rpc_timeout="soon")
     with pytest.raises(TypeError):
         rpc.TensorPipeRpcBackendOptions(8)  # keyword-only, as in torch
+
+
+class _Captured:
+    """A route that keeps what is sent instead of sending it."""
+
+    devices = frozenset({"cpu"})
+
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def send(self, peer, message, timeout=None):
+        self.sent.append((peer, message))
+
+
+def test_a_reply_from_the_wrong_peer_leaves_the_call_waiting():
+    from shmrpc.agent import RpcAgent
+    from shmrpc.envelope import Kind, decode, encode
+
+    infos = [rpc.WorkerInfo(f"worker{i}", i) for i in range(3)]
+    route = _Captured()
+    agent = RpcAgent(
+        infos[0], infos, {1: route, 2: route}, [], num_worker_threads=2, spin_seconds=0
+    )
+    agent.start()
+    try:
+        future = agent.request_async(infos[1], Kind.CALL, (add, (1, 2), {}), timeout=30)
+        envelope, _ = decode(route.sent[0][1].header)
+        pickled = agent.serializer.dumps(3)
+        reply = rpc.transport.Message(encode(Kind.RESULT, envelope.request_id), pickled.data)
+        agent.deliver(2, reply)  # worker2 answers a call it was never sent
+        time.sleep(0.05)
+        assert not future.done(), "a stranger's reply completed the call"
+        agent.deliver(1, reply)
+        deadline = time.monotonic() + 10
+        while not future.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert future.done(), "the real reply did not complete the call"
+        assert future.wait() == 3
+    finally:
+        agent.stop()
