@@ -48,8 +48,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     data = b""
     while len(data) < n:
         chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise AuthenticationError("connection closed during the handshake")
+        if not chunk:  # not a wrong key: the other side went away (a dialer may retry)
+            raise ConnectionResetError("connection closed during the handshake")
         data += chunk
     return data
 

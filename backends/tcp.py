@@ -39,7 +39,13 @@ from shmrpc.transport import (
     allocate_buffer,
 )
 
-from .auth import answer_challenge, deliver_challenge, recv_small, send_small
+from .auth import (
+    AuthenticationError,
+    answer_challenge,
+    deliver_challenge,
+    recv_small,
+    send_small,
+)
 from .framing import PREFIX, Frame, assemble, describe, for_the_wire, small_message
 
 __all__ = ["TcpTransport"]
@@ -49,6 +55,10 @@ logger = logging.getLogger(__name__)
 _IOV_MAX = 512
 _BYE = PREFIX.pack(2**64 - 1, 0, 0, 0)  # a frame header no real message has
 _RANK = struct.Struct("<q")
+#: Longest an unauthenticated connection may take to prove itself (each side, per attempt).
+_HANDSHAKE_TIMEOUT = 5.0
+#: Connections authenticated at once; a newer one pushes the oldest out.
+_MAX_HANDSHAKES = 32
 #: Most bytes one poll() reads from one connection before moving to the next.
 _READ_SLICE = 8 << 20
 #: Messages up to this size are read many at a time into a per-connection scratch buffer.
@@ -132,6 +142,7 @@ class TcpTransport(Transport):
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
+        self._handshakes: list[socket.socket] = []  # being authenticated now, oldest first
         self._closed = False
 
     # ----------------------------------------------------------------------- setting up
@@ -168,32 +179,50 @@ class TcpTransport(Transport):
         self._stop_listening()  # the world is complete: accept nobody else
 
     def _dial(self, peer: int, address: Mapping[str, Any], deadline: float) -> None:
+        """Connect and authenticate, retrying until ``deadline``: the listener may be busy with
+        strangers' connections, or drop ours; only a wrong key ends the attempts early."""
         target = (str(address["host"]), int(address["port"]))
         while True:
+            remaining = deadline - time.monotonic()
             try:
-                sock = socket.create_connection(
-                    target, timeout=max(0.1, deadline - time.monotonic())
-                )
-                break
+                sock = socket.create_connection(target, timeout=max(0.1, remaining))
             except OSError as e:
-                if time.monotonic() >= deadline:
+                if remaining <= 0:
                     raise TransportError(f"tcp: cannot reach rank {peer} at {target}: {e}") from e
                 time.sleep(0.05)
-        try:
-            answer_challenge(sock, self.config.auth_key)
-            deliver_challenge(sock, self.config.auth_key)
-            send_small(sock, _RANK.pack(self.config.rank))
-            (rank,) = _RANK.unpack(recv_small(sock))
-            if rank != peer:
-                raise TransportError(
-                    f"tcp: dialed rank {peer} at {target} but rank {rank} answered"
-                )
-        except BaseException:
-            sock.close()
-            raise
-        self._add(peer, sock)
+                continue
+            try:
+                sock.settimeout(max(0.1, min(_HANDSHAKE_TIMEOUT, remaining)))
+                answer_challenge(sock, self.config.auth_key)
+                deliver_challenge(sock, self.config.auth_key)
+                send_small(sock, _RANK.pack(self.config.rank))
+                (rank,) = _RANK.unpack(recv_small(sock))
+                if rank != peer:
+                    raise TransportError(
+                        f"tcp: dialed rank {peer} at {target} but rank {rank} answered"
+                    )
+            except (AuthenticationError, TransportError):
+                sock.close()
+                raise
+            except OSError as e:  # reset, closed, or too slow: try again while time is left
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise TransportError(f"tcp: handshake with rank {peer} failed: {e}") from e
+                time.sleep(0.05)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            self._add(peer, sock)
+            return
 
     def _accept_loop(self) -> None:
+        """Accept connections and authenticate each on a thread of its own, with a short
+        deadline and at most ``_MAX_HANDSHAKES`` at once. When all are taken, the oldest is
+        dropped: a real peer proves itself in about a millisecond, so a stranger would have to
+        open that many connections within it to keep the peer out (and the peer retries).
+        Nothing a stranger's connection does (stay silent, send garbage, come by the hundred)
+        costs more than a bounded number of threads and sockets."""
         listener = self._listener
         assert listener is not None
         while True:
@@ -201,19 +230,37 @@ class TcpTransport(Transport):
                 sock, addr = listener.accept()
             except OSError:
                 return  # closed
-            try:
-                sock.settimeout(self.config.connect_timeout)
-                deliver_challenge(sock, self.config.auth_key)
-                answer_challenge(sock, self.config.auth_key)
-                (peer,) = _RANK.unpack(recv_small(sock))
-                if not 0 <= peer < self.config.world_size or peer == self.config.rank:
-                    raise TransportError(f"tcp: connection claims bad rank {peer}")
-                send_small(sock, _RANK.pack(self.config.rank))
-                self._add(peer, sock)
-            except Exception as e:
-                sock.close()
-                if not self._closed:
-                    logger.warning("tcp: refused a connection from %s: %s", addr, e)
+            with self._changed:
+                if len(self._handshakes) >= _MAX_HANDSHAKES:
+                    oldest = self._handshakes.pop(0)
+                    with contextlib.suppress(OSError):
+                        oldest.shutdown(socket.SHUT_RDWR)  # its thread fails and closes it
+                self._handshakes.append(sock)
+            threading.Thread(
+                target=self._handshake,
+                args=(sock, addr),
+                name=f"shmrpc-tcp-handshake-{self.config.rank}",
+                daemon=True,
+            ).start()
+
+    def _handshake(self, sock: socket.socket, addr: Any) -> None:
+        try:
+            sock.settimeout(min(_HANDSHAKE_TIMEOUT, self.config.connect_timeout))
+            deliver_challenge(sock, self.config.auth_key)
+            answer_challenge(sock, self.config.auth_key)
+            (peer,) = _RANK.unpack(recv_small(sock))
+            if not 0 <= peer < self.config.world_size or peer == self.config.rank:
+                raise TransportError(f"tcp: connection claims bad rank {peer}")
+            send_small(sock, _RANK.pack(self.config.rank))
+            self._add(peer, sock)
+        except Exception as e:
+            sock.close()
+            if not self._closed:
+                logger.warning("tcp: refused a connection from %s: %s", addr, e)
+        finally:
+            with self._changed:
+                if sock in self._handshakes:
+                    self._handshakes.remove(sock)
 
     def _add(self, peer: int, sock: socket.socket) -> None:
         sock.settimeout(None)
@@ -436,6 +483,11 @@ class TcpTransport(Transport):
             return
         self._closed = True
         self._stop_listening()
+        with self._changed:
+            pending = list(self._handshakes)
+        for sock in pending:  # their threads fail at once and close them
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         for connection in list(self._connections.values()):
             if connection.lost is None and connection.send_lock.acquire(timeout=1):
                 with contextlib.suppress(OSError):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import os
 import socket
 import threading
 import time
@@ -273,3 +275,58 @@ def _checksum(seq, data):
 def test_stress_with_checksums(backend):
     """Many concurrent messages of mixed sizes (several larger than the 64 KiB ring)."""
     run_world(_stress, 2, (backend, new_init_method(), 600), timeout=120)
+
+
+# ------------------------------------------------------------- strangers at the tcp door
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _flood(port, stop, sockets):
+    """Open connections to ``port`` until told to stop: half stay silent, half send garbage."""
+    while not stop.is_set():
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=0.2)
+        except OSError:
+            time.sleep(0.005)
+            continue
+        if len(sockets) % 2:
+            with contextlib.suppress(OSError):
+                sock.sendall(os.urandom(100))
+        sockets.append(sock)
+        if len(sockets) > 300:
+            time.sleep(0.01)
+
+
+def _init_and_call(rank, init_method, port):
+    # rank 0 dials rank 1, whose listener is under attack
+    options = worker_options("tcp", rank, 2, init_method, listen_port=port if rank else 0)
+    rpc.init_rpc(
+        f"worker{rank}", backend="tcp", rank=rank, world_size=2, rpc_backend_options=options
+    )
+    result = rpc.rpc_sync(f"worker{1 - rank}", add, (torch.ones(2), rank))
+    rpc.shutdown()
+    return result.tolist()
+
+
+def test_strangers_connections_do_not_keep_a_world_from_forming():
+    port = _free_port()
+    stop, sockets = threading.Event(), []
+    attackers = [threading.Thread(target=_flood, args=(port, stop, sockets)) for _ in range(3)]
+    for attacker in attackers:
+        attacker.start()
+    try:
+        results = run_world(_init_and_call, 2, (new_init_method(), port), timeout=90)
+    finally:
+        stop.set()
+        for attacker in attackers:
+            attacker.join(5)
+        for sock in sockets:
+            sock.close()
+    assert not any(a.is_alive() for a in attackers)
+    assert len(sockets) > 20, "the flood never reached the listener"
+    assert results == [[1.0, 1.0], [2.0, 2.0]]
