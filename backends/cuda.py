@@ -35,10 +35,17 @@ def land(buffer: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def share(buffer: torch.Tensor) -> torch.Tensor:
-    """The IPC descriptor of a CUDA buffer, as bytes in a host tensor."""
+    """The IPC descriptor of a snapshot of a CUDA buffer, as bytes in a host tensor.
+
+    The snapshot (a device-to-device copy on the current stream) is what the receiver reads:
+    the sender may go on writing to its tensor at once (value semantics, as ``send`` promises
+    for host buffers), and a tensor sent many times is not re-shared each time. torch keeps
+    the snapshot's memory alive until the receiver has let go of it.
+    """
     from torch.multiprocessing.reductions import reduce_tensor
 
-    _, args = reduce_tensor(buffer)  # records an event on the current stream
+    snapshot = buffer.clone()
+    _, args = reduce_tensor(snapshot)  # records an event on the current stream
     uuid = str(torch.cuda.get_device_properties(buffer.device).uuid)
     data = pickle.dumps((uuid, args), protocol=5)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from shmrpc.transport import Message
+from shmrpc.transport import Message, PeerLostError
 
 from . import cuda
 
@@ -109,10 +109,13 @@ def assemble(
         if code == _HOST:
             continue
         device = torch.device("cuda", code & ~cuda.IPC)
-        if code & cuda.IPC:
-            buffers[i] = cuda.open_shared(buffers[i], device)
-        else:
-            buffers[i] = cuda.land(buffers[i], device)
+        try:
+            if code & cuda.IPC:
+                buffers[i] = cuda.open_shared(buffers[i], device)
+            else:
+                buffers[i] = cuda.land(buffers[i], device)
+        except Exception as e:  # the channel cannot go on past a message it cannot deliver
+            raise PeerLostError(f"could not place a buffer on {device}: {e}") from e
     return Message(bytes(header), payload, buffers)
 
 

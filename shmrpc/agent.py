@@ -221,6 +221,9 @@ class _Loopback:
                 copies.append(allocate_buffer(buffer.numel()).copy_(buffer))
             else:
                 copies.append(buffer.to(target, copy=True))
+        if message.targets or any(b.is_cuda for b in message.buffers):
+            # The copies were queued on this thread's stream; another thread will read them.
+            torch.cuda.synchronize()
         self._agent.deliver(peer, Message(message.header, bytes(message.payload), copies))
 
 
@@ -386,15 +389,20 @@ class RpcAgent:
         timeout: float,
         flags: int = 0,
         quick: bool = False,
+        backward: bool = False,
     ) -> torch.futures.Future[Any]:
         """Send a request; its reply completes the returned future.
 
         Mistakes of the caller (unpicklable payload, message too large) raise here; failures
         of the peer or the wire complete the future with an error. ``quick``: the future's
         callbacks are short engine code, fine to run on whichever thread got the reply.
+        ``backward``: the request goes back along the path of one of ``to``'s requests
+        (gradients), so its tensors take the inverse of ``to``'s device map, as a reply does.
         """
         try:
-            call = self._start(to, kind, payload, timeout, flags, sync=False, quick=quick)
+            call = self._start(
+                to, kind, payload, timeout, flags, sync=False, quick=quick, backward=backward
+            )
         except (PeerLostError, RpcTimeoutError) as error:
             return failed_future(error)
         assert call.future is not None
@@ -420,11 +428,13 @@ class RpcAgent:
         *,
         sync: bool,
         quick: bool = False,
+        backward: bool = False,
     ) -> _Call:
         if self._stopped:
             raise RuntimeError(f"RPC agent of {self.worker_info} was shut down")
+        placements = self._devices.responses if backward else self._devices.requests
         try:
-            pickled = self.serializer.dumps(payload, self._devices.requests[to.name])
+            pickled = self.serializer.dumps(payload, placements[to.name])
         except Exception as e:
             e.add_note(f"shmrpc: could not serialize the request to {to.name}")
             raise

@@ -56,15 +56,24 @@ class RecvRecord:
     computes for a stand-in is what goes back to ``sender`` for that tensor.
     """
 
-    __slots__ = ("message_id", "node", "sender", "standins")
+    __slots__ = ("in_reply", "message_id", "node", "sender", "standins")
 
     def __init__(
-        self, sender: int, message_id: int, standins: list[torch.Tensor], node: Any
+        self,
+        sender: int,
+        message_id: int,
+        standins: list[torch.Tensor],
+        node: Any,
+        in_reply: bool = False,
     ) -> None:
         self.sender = sender
         self.message_id = message_id
         self.standins = standins
         self.node = node
+        #: The tensors came in a reply (to our request), not in a request of the sender's:
+        #: their gradients go back the way our requests go (our device map), else the way
+        #: replies to the sender go (the inverse of its map).
+        self.in_reply = in_reply
 
 
 class DistAutogradContext:

@@ -51,7 +51,14 @@ class _Agent(Protocol):
         self, kind: int, handler: Callable[[Inbound, Any], Any], *, internal: bool = False
     ) -> None: ...
     def request_async(
-        self, to: WorkerInfo, kind: int, payload: Any, timeout: float, flags: int = 0
+        self,
+        to: WorkerInfo,
+        kind: int,
+        payload: Any,
+        timeout: float,
+        flags: int = 0,
+        quick: bool = False,
+        backward: bool = False,
     ) -> torch.futures.Future[Any]: ...
     def notify(self, to: WorkerInfo, kind: int, payload: Any) -> None: ...
     def call_sync(
@@ -150,6 +157,7 @@ class DistAutograd:
                         (context._context_id(), record.message_id, record_grads),
                         self._default_timeout(),
                         Flag.INTERNAL,
+                        backward=not record.in_reply,
                     )
                 )
         except Exception as error:  # what was sent already still completes: wait for it too

@@ -95,7 +95,8 @@ class AutogradGate:
         for i, out in zip(wanted, outputs, strict=True):
             tensors[i] = out
         node = outputs[0].grad_fn
-        context.add_recv(RecvRecord(peer, envelope.autograd_message, standins, node))
+        in_reply = envelope.kind in REPLIES
+        context.add_recv(RecvRecord(peer, envelope.autograd_message, standins, node, in_reply))
 
     def serving(self, context_id: int) -> ContextManager[None]:
         return self._contexts.serving(context_id)
