@@ -22,7 +22,16 @@ from shmrpc.transport import Message, PeerLostError
 
 from . import cuda
 
-__all__ = ["PREFIX", "Frame", "assemble", "describe", "for_the_wire", "small_message"]
+__all__ = [
+    "PREFIX",
+    "Frame",
+    "assemble",
+    "check_frame",
+    "check_lengths",
+    "describe",
+    "for_the_wire",
+    "small_message",
+]
 
 PREFIX = struct.Struct("<QIIQ")
 _PLACED = 1 << 31  # buffer count flag: device codes follow the lengths
@@ -56,6 +65,22 @@ class Frame:
         if not self.placed:
             return ()
         return struct.unpack_from(f"<{self.buffer_count}q", raw, 8 * self.buffer_count)
+
+
+def check_frame(frame: Frame, limit: int | None, who: str) -> None:
+    """Refuse a prefix before anything is allocated for it: larger than ``limit`` (plus room
+    for the envelope), or parts that do not fit in the length it claims. The channel cannot
+    go on after a bad frame (the stream is out of step), so the peer is lost."""
+    if limit is not None and frame.total > limit + 4096:
+        raise PeerLostError(f"{who} sent a {frame.total}-byte message, over the limit")
+    if frame.lengths_size + frame.header + frame.payload > frame.body:
+        raise PeerLostError(f"{who} sent a malformed frame: its parts exceed its length")
+
+
+def check_lengths(frame: Frame, lengths: Sequence[int], who: str) -> None:
+    """The buffer lengths must fill the frame exactly."""
+    if frame.lengths_size + frame.header + frame.payload + sum(lengths) != frame.body:
+        raise PeerLostError(f"{who} sent a malformed frame: its buffers do not add up")
 
 
 def for_the_wire(message: Message, ipc: bool) -> tuple[Message, list[int]]:
@@ -129,6 +154,7 @@ def small_message(
     16-byte aligned offset (enough for every dtype), and become tensors without another copy.
     """
     lengths = frame.buffer_lengths(meta)
+    check_lengths(frame, lengths, "the peer")
     at = frame.lengths_size
     header = meta[at : at + frame.header]
     payload = memoryview(meta)[at + frame.header :]

@@ -45,7 +45,16 @@ from shmrpc.transport import (
     allocate_buffer,
 )
 
-from .framing import PREFIX, Frame, assemble, describe, for_the_wire, small_message
+from .framing import (
+    PREFIX,
+    Frame,
+    assemble,
+    check_frame,
+    check_lengths,
+    describe,
+    for_the_wire,
+    small_message,
+)
 from .ring import CONTROL_BYTES, Ring
 
 __all__ = ["ShmTransport", "sweep_dead_names"]
@@ -488,6 +497,9 @@ class ShmTransport(Transport):
                     except PeerLostError as e:
                         self._lose(channel, e)
                         continue
+                    except MemoryError as e:  # the ring is out of step now: that channel ends
+                        self._lose(channel, PeerLostError(f"shm: rank {channel.peer}: {e}"))
+                        continue
                     delivered += 1
                     progress = True
                     self.host.deliver(channel.peer, message)
@@ -498,10 +510,7 @@ class ShmTransport(Transport):
     def _read(self, channel: _Channel) -> Message:
         ring = channel.inbox
         frame = Frame(ring.unpack(PREFIX))
-        if self._max_message is not None and frame.total > self._max_message + 4096:
-            raise PeerLostError(
-                f"shm: rank {channel.peer} sent a {frame.total}-byte message, over the limit"
-            )
+        check_frame(frame, self._max_message, f"shm: rank {channel.peer}")
         if frame.total <= _WHOLE and ring.readable() >= frame.total:
             return self._read_whole(ring, frame)
         ring.release(PREFIX.size)
@@ -509,6 +518,7 @@ class ShmTransport(Transport):
         self._stream_into(channel, meta)
         raw = memoryview(meta)  # type: ignore[arg-type]
         lengths = frame.buffer_lengths(raw)
+        check_lengths(frame, lengths, f"shm: rank {channel.peer}")
         at = frame.lengths_size
         header = bytes(raw[at : at + frame.header])
         payload = bytes(raw[at + frame.header :])

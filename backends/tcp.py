@@ -46,7 +46,16 @@ from .auth import (
     recv_small,
     send_small,
 )
-from .framing import PREFIX, Frame, assemble, describe, for_the_wire, small_message
+from .framing import (
+    PREFIX,
+    Frame,
+    assemble,
+    check_frame,
+    check_lengths,
+    describe,
+    for_the_wire,
+    small_message,
+)
 
 __all__ = ["TcpTransport"]
 
@@ -114,6 +123,7 @@ class _Partial:
         """The current target is full: aim at the next one; the message once it is done."""
         if self.lengths is None:  # buffer lengths, header and payload are in
             self.lengths = tuple(self.frame.buffer_lengths(self.meta))
+            check_lengths(self.frame, self.lengths, "tcp: the peer")
         while len(self.buffers) < len(self.lengths):
             n = self.lengths[len(self.buffers)]
             buffer = allocate_buffer(n)
@@ -434,6 +444,9 @@ class TcpTransport(Transport):
             self._lose(connection, e)
         except OSError as e:
             self._lose(connection, PeerLostError(f"tcp: rank {connection.peer}: {e}"))
+        except MemoryError as e:  # a message this worker cannot hold: that channel ends
+            error = PeerLostError(f"tcp: rank {connection.peer}: no memory for its message: {e}")
+            self._lose(connection, error)
         return delivered
 
     def _parse(self, connection: _Connection) -> int:
@@ -445,10 +458,7 @@ class TcpTransport(Transport):
             if view[start : start + PREFIX.size] == _BYE:
                 raise PeerLostError(f"tcp peer rank {connection.peer} shut down")
             frame = Frame(PREFIX.unpack_from(view, start))
-            if self._max_message is not None and frame.total > self._max_message + 4096:
-                raise PeerLostError(
-                    f"tcp: rank {connection.peer} sent a {frame.total}-byte message, over the limit"
-                )
+            check_frame(frame, self._max_message, f"tcp: rank {connection.peer}")
             available = connection.end - start
             if frame.total <= available:
                 meta_at = start + PREFIX.size

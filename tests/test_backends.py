@@ -6,6 +6,7 @@ import contextlib
 import importlib.metadata
 import os
 import socket
+import struct
 import threading
 import time
 import zlib
@@ -346,6 +347,59 @@ def test_tcp_finds_a_dead_host_in_seconds():
             probes = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)
             assert idle + interval * probes <= 60, (idle, interval, probes)
             assert 0 < sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) <= 60_000
+    finally:
+        for t in transports:
+            t.close()
+
+
+# ------------------------------------------------------------------------- hostile frames
+
+
+def _raw_frame(body, header, count, payload, rest=b""):
+    return struct.pack("<QIIQ", body, header, count, payload) + rest
+
+
+_BAD_FRAMES = {
+    "parts exceed the frame": (_raw_frame(10, 8, 0, 8, b"x" * 10), "malformed frame"),
+    "buffers do not add up": (
+        _raw_frame(8 + 2 + 2 + 5, 2, 1, 2, struct.pack("<Q", 999) + b"hhpp" + b"b" * 5),
+        "do not add up",
+    ),
+    "over the size limit": (_raw_frame(1 << 30, 0, 0, 1 << 30), "over the limit"),
+    "more than memory": (_raw_frame(1 << 50, 0, 0, 1 << 50), "rank 0"),
+}
+
+
+def _inject(transport, raw):
+    """Put bytes on the wire to the peer as they are, bypassing the framing."""
+    if isinstance(transport, TcpTransport):
+        transport._connections[1].sock.sendall(raw)
+    else:
+        channel = transport._channels[1]
+        channel.outbox.put(0, raw)
+        channel.outbox.commit(len(raw))
+        channel.ring_bell()
+
+
+@pytest.mark.parametrize("case", list(_BAD_FRAMES))
+@pytest.mark.parametrize("cls", [ShmTransport, TcpTransport])
+def test_a_bad_frame_ends_that_channel_with_a_clear_error(cls, case):
+    raw, text = _BAD_FRAMES[case]
+    limit = {"max_message_size": 1 << 20} if case == "over the size limit" else {}
+    transports, hosts, addresses = _pair(cls, options=limit)
+    try:
+        assert not _connect(transports, addresses)
+        _inject(transports[0], raw)
+        deadline = time.monotonic() + 10
+        while not hosts[1].lost and time.monotonic() < deadline:
+            transports[1].poll()
+            time.sleep(0.001)
+        assert hosts[1].lost, "the receiver did not give up on the channel"
+        ((peer, error),) = hosts[1].lost
+        assert peer == 0 and isinstance(error, ConnectionError) and text in str(error), error
+        assert hosts[1].messages == []
+        # nothing more is read from that channel, and it stays lost
+        assert transports[1].poll() == 0
     finally:
         for t in transports:
             t.close()
