@@ -62,6 +62,8 @@ __all__ = ["TcpTransport"]
 logger = logging.getLogger(__name__)
 
 _IOV_MAX = 512
+#: A sender with no deadline checks this often whether its peer is still there.
+_SEND_SLICE = 1.0
 _BYE = PREFIX.pack(2**64 - 1, 0, 0, 0)  # a frame header no real message has
 _RANK = struct.Struct("<q")
 #: Longest an unauthenticated connection may take to prove itself (each side, per attempt).
@@ -330,13 +332,25 @@ class TcpTransport(Transport):
         head, total = describe(message, codes)
         views = [head, message.header, message.payload]
         views += [memoryview(cast(Any, b.numpy())) for b in message.buffers if b.numel()]
+        deadline = None if timeout is None else time.monotonic() + timeout
         lock = connection.send_lock
-        if not (lock.acquire() if timeout is None else lock.acquire(timeout=timeout)):
-            raise TimeoutError(f"tcp: the connection to rank {peer} stayed busy for {timeout} s")
+        while not lock.acquire(timeout=_SEND_SLICE if timeout is None else timeout):
+            if deadline is not None:
+                raise TimeoutError(f"tcp: the connection to rank {peer} stayed busy {timeout} s")
+            if connection.lost is not None:
+                raise connection.lost
         try:
-            sent = connection.sock.sendmsg(views)
+            try:
+                sent = connection.sock.sendmsg(views, [], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
             if sent < total:
-                self._send_rest(connection.sock, views, sent)
+                self._send_rest(connection, views, sent, deadline)
+        except PeerLostError as lost:
+            self._lose(connection, lost)
+            raise
+        except TimeoutError:  # nothing of it was sent: the connection is as it was
+            raise
         except OSError as e:
             error = PeerLostError(f"tcp: sending to rank {peer} failed: {e}")
             self._lose(connection, error)
@@ -345,16 +359,43 @@ class TcpTransport(Transport):
             lock.release()
 
     @staticmethod
-    def _send_rest(sock: socket.socket, views: list[Any], sent: int) -> None:
-        """Finish a partial sendmsg (large messages, full socket buffers)."""
+    def _send_rest(
+        connection: _Connection, views: list[Any], sent: int, deadline: float | None
+    ) -> None:
+        """Finish a partial send (large messages, full socket buffers), waiting for room.
+
+        A peer that stops reading cannot hold the sender past ``deadline``: before the first
+        byte that is a TimeoutError (nothing was sent); after it, the stream is out of step,
+        and the peer is lost. Without a deadline it waits as long as the connection lives
+        (keepalive and the user timeout end it if the peer's host dies).
+        """
+        sock, first = connection.sock, sent == 0
         pending = [memoryview(v).cast("B") for v in views]
-        while pending:
+        writable = select.poll()
+        writable.register(sock, select.POLLOUT)
+        while True:
             while pending and sent >= pending[0].nbytes:
                 sent -= pending.pop(0).nbytes
             if not pending:
                 return
             pending[0] = pending[0][sent:]
-            sent = sock.sendmsg(pending[:_IOV_MAX])
+            while True:
+                if connection.lost is not None:
+                    raise connection.lost
+                left = _SEND_SLICE if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    if first:
+                        raise TimeoutError(f"tcp: rank {connection.peer} took no bytes in time")
+                    raise PeerLostError(
+                        f"tcp: rank {connection.peer} stopped reading in the middle of a message"
+                    )
+                if writable.poll(1000 * min(left, _SEND_SLICE)):
+                    break
+            try:
+                sent = sock.sendmsg(pending[:_IOV_MAX], [], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            first = first and sent == 0
 
     # --------------------------------------------------------------------------- receive
     def wait(self, timeout: float) -> None:

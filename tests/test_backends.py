@@ -403,3 +403,38 @@ def test_a_bad_frame_ends_that_channel_with_a_clear_error(cls, case):
     finally:
         for t in transports:
             t.close()
+
+
+def test_tcp_send_to_a_peer_that_stops_reading_ends_at_its_deadline():
+    transports, hosts, addresses = _pair(TcpTransport)
+    outcome = []
+
+    def send_big():
+        message = Message(b"h", b"p", [torch.zeros(256 << 20, dtype=torch.uint8)])
+        try:
+            transports[0].send(1, message, timeout=0.5)  # rank 1 never polls
+        except Exception as e:
+            outcome.append(e)
+        else:
+            outcome.append(None)
+
+    try:
+        assert not _connect(transports, addresses)
+        sender = threading.Thread(target=send_big)
+        sender.start()
+        sender.join(30)
+        assert not sender.is_alive(), "the send is still blocked"
+        (error,) = outcome
+        # some bytes went before the peer's buffers filled: the stream is cut, the peer lost
+        assert isinstance(error, rpc.PeerLostError) and "stopped reading" in str(error), error
+        assert hosts[0].lost and hosts[0].lost[0][0] == 1
+        expect = rpc.PeerLostError
+        try:
+            transports[0].send(1, Message(b"h", b"p"), timeout=0.5)
+        except expect:
+            pass
+        else:
+            raise AssertionError("a lost peer accepted another message")
+    finally:
+        for t in transports:
+            t.close()
