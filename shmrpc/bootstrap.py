@@ -107,6 +107,7 @@ def start_agent(
         records = rendezvous.exchange(
             {"name": name, "pid": os.getpid(), "transports": addresses, "devices": devices}
         )
+        rendezvous.forget_key_file()  # everyone joined, so everyone has read the key
         infos = _worker_infos(records)
         names, counts, maps, listed = parse_records(records)
         validate_device_maps(names, counts, maps, listed)  # every rank raises alike
@@ -143,6 +144,7 @@ def start_agent(
         published = True
         rendezvous.barrier("ready")
     except BaseException:
+        rendezvous.forget_key_file()
         if published:
             publish(None)
         if rrefs is not None:

@@ -51,8 +51,9 @@ class RpcBackendOptions:
       250 µs covers a round trip that runs Python and torch code on both sides; with 100 µs
       a small ``remote()`` + ``to_here()`` fell asleep between calls and took 2-3x longer.
     * ``max_message_size``: refuse to send or accept larger messages (None: no limit).
-    * ``auth_key``: secret that authenticates tcp connections (default: a random per-world
-      key shared through the rendezvous store).
+    * ``auth_key``: secret that authenticates tcp connections, the same on every worker
+      (default: ``$SHMRPC_AUTH_KEY``; else, on one host, a random per-world key passed in a
+      file only the user can read; see ``world_key.py``).
     """
 
     def __init__(
@@ -69,7 +70,7 @@ class RpcBackendOptions:
         host_id: str | None = None,
         spin_us: float = 250.0,
         max_message_size: int | None = None,
-        auth_key: bytes | None = None,
+        auth_key: bytes | str | None = None,
         **transport_options: Any,
     ) -> None:
         if not isinstance(rpc_timeout, (int, float)) or isinstance(rpc_timeout, bool):

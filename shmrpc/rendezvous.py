@@ -15,6 +15,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from . import world_key
+
 __all__ = ["Rendezvous"]
 
 
@@ -42,22 +44,43 @@ class Rendezvous:
         generation = store.add(f"shmrpc/joins/{self.rank}", 1)
         self._store = dist.PrefixStore(f"shmrpc/{generation}/", store)
         self._base_store = store  # the TCPStore server lives as long as this object on rank 0
+        self._key_file: str | None = None
 
     # -------------------------------------------------------------------------------- world
-    def world_secrets(self, auth_key: bytes | None) -> tuple[str, bytes]:
+    def world_secrets(self, auth_key: bytes | str | None) -> tuple[str, bytes]:
         """A random token naming this world's shared objects, and the key for tcp handshakes.
 
-        Rank 0 draws both; with ``auth_key`` given (the same on every worker) the key never
-        goes through the store.
+        Rank 0 draws the token. The key is the one configured (options or $SHMRPC_AUTH_KEY),
+        else rank 0's, passed in a file only its user can read (see ``world_key``).
         """
+        configured = world_key.configured_key(auth_key)
         if self.rank == 0:
             record = {"token": secrets.token_hex(8)}
-            if auth_key is None:
-                record["auth_key"] = secrets.token_hex(32)
+            if configured is None:
+                key = world_key.new_key()
+                if world_key.via_store():
+                    record["auth_key"] = key.hex()  # the user's explicit choice
+                else:
+                    self._key_file = world_key.write_key_file(key)
+                    record["key_file"] = self._key_file
             self._store.set("world", json.dumps(record))
         record = json.loads(self._get("world", "rank 0"))
-        key = auth_key if auth_key is not None else bytes.fromhex(record["auth_key"])
-        return record["token"], key
+        if configured is not None:
+            return record["token"], configured
+        if "auth_key" in record:
+            return record["token"], bytes.fromhex(record["auth_key"])
+        if "key_file" in record:
+            return record["token"], world_key.read_key_file(record["key_file"], self.rank)
+        raise RuntimeError(
+            f"worker {self.rank} has a key for this world but rank 0 has none. "
+            f"{world_key.HOW_TO_SET}"
+        )
+
+    def forget_key_file(self) -> None:
+        """Every worker has joined (and read the key): delete rank 0's key file."""
+        if self._key_file is not None:
+            world_key.remove_key_file(self._key_file)
+            self._key_file = None
 
     def exchange(self, record: dict[str, Any]) -> list[dict[str, Any]]:
         """Publish this worker's record; return every worker's, indexed by rank."""
