@@ -1,63 +1,132 @@
-"""Benchmark worlds: this pytest process is worker0 (the client), a spawned process worker1.
+"""Benchmark session: one campaign of worlds (bench/campaign.py), tests that replay its samples.
 
-One world per RPC stack under test, one at a time: shmrpc over shm, shmrpc over tcp, and
-torch.distributed.rpc with its TensorPipe agent as the reference. Each benchmark names the
-stack it measures, so one run puts them side by side.
+Every test is one (row, pin mode, stack), e.g. ``test_rpc_sync[0B-pinned-shm]``; its
+pytest-benchmark group is the row and pin mode, so the stacks of a row sit side by side. A row
+is measured when its first test runs, for the stacks and pin modes the session selected (so
+``-k`` selects cheaply), all of them in one interleaved campaign; each test then replays its
+stack's pooled samples into pytest-benchmark (bench/replay.py).
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import tempfile
+import statistics
 from collections.abc import Iterator
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-STACKS = ("shm", "tcp", "tensorpipe")
+from bench.campaign import CORES, Campaign, Pool
+from bench.cases import Case
+from bench.replay import replay
+from bench.rows import GENERATIONS, PINS, QUICK, REPEATS, ROWS, STACKS, Row, row
 
 
-def _rpc_module(stack: str) -> ModuleType:
-    if stack == "tensorpipe":
-        import torch.distributed.rpc as torch_rpc
-
-        return torch_rpc
-    import shmrpc
-
-    return shmrpc
+def pytest_report_header() -> str:
+    mode = "QUICK (BENCH_QUICK=1: smoke test, not figures)" if QUICK else "full"
+    return (
+        f"bench: {mode}; {GENERATIONS} generation(s) of worlds x {REPEATS} A B C C B A per row "
+        f"and pin mode; cores {CORES}"
+    )
 
 
-def _init(stack: str, rank: int, init_method: str) -> ModuleType:
-    rpc = _rpc_module(stack)
-    if stack == "tensorpipe":
-        options: Any = rpc.TensorPipeRpcBackendOptions(init_method=init_method, rpc_timeout=120)
-        rpc.init_rpc(f"worker{rank}", rank=rank, world_size=2, rpc_backend_options=options)
-    else:
-        options = rpc.RpcBackendOptions(init_method=init_method, rpc_timeout=120)
-        rpc.init_rpc(
-            f"worker{rank}", backend=stack, rank=rank, world_size=2, rpc_backend_options=options
-        )
-    return rpc
+_log: list[str] = []
+_idle: dict[str, float] = {}
+_failed: dict[str, str] = {}  # row -> why measuring it failed (its other tests fail at once)
 
 
-def _serve(stack: str, init_method: str) -> None:
-    rpc = _init(stack, 1, init_method)
-    rpc.shutdown()  # serves until worker0 shuts down too
-
-
-@pytest.fixture(scope="session", params=STACKS)
-def rpc_world(request: pytest.FixtureRequest) -> Iterator[tuple[str, ModuleType]]:
-    """(stack name, its rpc module) with worker1 running; this process is worker0."""
-    stack = request.param
-    init_method = f"file://{tempfile.mkdtemp(prefix='shmrpc-bench-')}/store"
-    server = mp.get_context("spawn").Process(target=_serve, args=(stack, init_method))
-    server.start()
-    rpc = _init(stack, 0, init_method)
+@pytest.fixture(scope="session")
+def campaign() -> Iterator[Campaign]:
+    campaign = Campaign(_log)
+    campaign.idle = _idle
     try:
-        yield stack, rpc
+        yield campaign
+        campaign.measure_idle()
     finally:
-        rpc.shutdown()
-        server.join(60)
-        if server.is_alive():
-            server.kill()
+        campaign.close()
+
+
+def pytest_benchmark_update_machine_info(config: Any, machine_info: dict[str, Any]) -> None:
+    from importlib.metadata import version
+
+    machine_info["torch"] = version("torch")
+
+
+def pytest_benchmark_update_json(config: Any, benchmarks: Any, output_json: dict) -> None:
+    """How the samples were taken, for bench/report.py's description of the method."""
+    output_json["bench"] = {
+        "quick": QUICK,
+        "generations": GENERATIONS,
+        "repeats": REPEATS,
+        "cores": CORES,
+        "idle_cpu_per_s": _idle,
+        "rows": {
+            r.title: {"calls": r.block_calls, "warmup": r.block_warmup, "chunk": r.chunk}
+            for r in ROWS.values()
+        },
+    }
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _log:
+        terminalreporter.write_sep("-", "bench campaign (wall time per row and pin mode)")
+        for line in _log:
+            terminalreporter.write_line(line)
+
+
+def _selected(session: pytest.Session, title: str) -> tuple[list[str], list[str]]:
+    """The pin modes and stacks the session runs for the row ``title``."""
+    pins, stacks = set(), set()
+    for item in session.items:
+        case = getattr(item, "callspec", None) and item.callspec.params.get("case")
+        if isinstance(case, Case) and case.title == title:
+            pins.add(case.pin)
+            stacks.add(case.stack)
+    return [p for p in PINS if p in pins], [s for s in STACKS if s in stacks]
+
+
+@pytest.fixture
+def measured(request: pytest.FixtureRequest, benchmark: Any, campaign: Campaign) -> Pool:
+    """Measure (if not yet) this test's row, replay this stack's and pin mode's samples."""
+    case: Case = request.node.callspec.params["case"]
+    r = row(case.title)
+    if r.title in _failed:
+        pytest.fail(f"measuring this row failed in an earlier test: {_failed[r.title]}")
+    if (r.title, case.pin) not in campaign.results:
+        pins, stacks = _selected(request.session, r.title)
+        try:
+            campaign.measure(r, pins or [case.pin], stacks or [case.stack])
+        except Exception as e:
+            _failed[r.title] = f"{type(e).__name__}: {str(e)[:200]}"
+            raise
+    pool = campaign.results[r.title, case.pin][case.stack]
+    benchmark.group = f"{r.title} ({case.pin})"
+    benchmark.extra_info.update(_extra_info(r, case, pool))
+    replay(benchmark, pool.samples)
+    return pool
+
+
+def _extra_info(r: Row, case: Case, pool: Pool) -> dict[str, Any]:
+    median = statistics.median(pool.samples)
+    info: dict[str, Any] = {
+        "stack": case.stack,
+        "pin": case.pin,
+        "row": r.title,
+        "kind": r.kind,
+        "bytes": r.size,
+        "inflight": r.inflight,
+        "workers": r.workers,
+        "blocks": pool.blocks,
+        "block_medians_s": pool.block_medians,
+        "median_s": median,
+        "quick": QUICK,
+    }
+    if r.workers == 2:
+        info["cpu_us_per_call_client"] = pool.cpu_us_client
+        info["cpu_us_per_call_server"] = pool.cpu_us_server
+    else:  # every worker both calls and serves
+        info["cpu_us_per_call_world"] = pool.cpu_us_client
+    if r.kind == "rate":
+        info["calls_per_s"] = 1 / median
+    if r.kind == "bandwidth":
+        info["gb_per_s"] = r.size / median / 1e9
+    return info

@@ -1,51 +1,38 @@
-"""Round-trip latency and pipelined throughput: shmrpc (shm, tcp) beside torch's TensorPipe.
+"""RPC rows: shmrpc over shm and tcp beside torch's TensorPipe agent (bench/rows.py has the
+calls per block; bench/campaign.py how blocks alternate).
 
-Latency: one ``rpc_sync`` of a no-op function that takes one tensor of 0 B .. 64 MiB.
-Throughput: 1000 pipelined ``rpc_async`` calls of the no-op, waited for together.
+* ``rpc_sync <size>``: round trip of ``rpc_sync("worker1", noop, (tensor,))``, a float32
+  tensor of that many bytes (the no-op returns None).
+* ``rpc_async, N in flight``: a sliding window of N ``rpc_async`` calls of the no-op with a
+  one-element tensor; calls per second.
+* all-to-all: 4 workers, each keeping 16 calls in flight to the other three in turn; calls
+  per second over the world.
+* stream: ``rpc_async`` of the no-op with a 64 MiB tensor, 4 in flight; GB/s.
 """
 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from bench.workload import noop
-
-SIZES = {"0B": 0, "1KiB": 1 << 10, "1MiB": 1 << 20, "16MiB": 16 << 20, "64MiB": 64 << 20}
-# (rounds, warm-up rounds): enough samples for a stable median, bounded run time.
-ROUNDS = {
-    "0B": (3000, 300),
-    "1KiB": (3000, 300),
-    "1MiB": (300, 30),
-    "16MiB": (40, 5),
-    "64MiB": (15, 3),
-}
-PIPELINED = 1000
+from bench.cases import cases
+from bench.rows import SYNC_SIZES
 
 
-@pytest.mark.parametrize("size", list(SIZES))
-def test_rpc_sync_latency(benchmark, rpc_world, size):
-    stack, rpc = rpc_world
-    benchmark.group = f"rpc_sync {size}"
-    benchmark.extra_info.update(stack=stack, bytes=SIZES[size])
-    tensor = torch.ones(SIZES[size] // 4)
-    rounds, warmup = ROUNDS[size]
-    benchmark.pedantic(
-        rpc.rpc_sync,
-        args=("worker1", noop, (tensor,)),
-        rounds=rounds,
-        warmup_rounds=warmup,
-        iterations=1,
-    )
+@pytest.mark.parametrize("case", cases(*(f"rpc_sync {size}" for size in SYNC_SIZES)))
+def test_rpc_sync(measured, case):
+    assert measured.samples
 
 
-def test_rpc_async_throughput(benchmark, rpc_world):
-    stack, rpc = rpc_world
-    benchmark.group = f"rpc_async x{PIPELINED} pipelined"
-    benchmark.extra_info.update(stack=stack, calls=PIPELINED)
-    arg = torch.ones(1)
+@pytest.mark.parametrize("case", cases(*(f"rpc_async, {n} in flight" for n in (1, 16, 256))))
+def test_rpc_async_pipelined(measured, case):
+    assert measured.samples
 
-    def burst():
-        torch.futures.wait_all([rpc.rpc_async("worker1", noop, (arg,)) for _ in range(PIPELINED)])
 
-    benchmark.pedantic(burst, rounds=15, warmup_rounds=2, iterations=1)
+@pytest.mark.parametrize("case", cases("all-to-all, 4 workers x 16 in flight"))
+def test_all_to_all(measured, case):
+    assert measured.samples
+
+
+@pytest.mark.parametrize("case", cases("stream 64MiB, 4 in flight"))
+def test_stream(measured, case):
+    assert measured.samples

@@ -1,16 +1,13 @@
-"""``remote()`` then ``to_here()``: creating a remote value and fetching it, per stack."""
+"""``remote()`` then ``to_here()`` of a one-element tensor: creating a remote value and
+fetching it, per stack and pin mode."""
 
 from __future__ import annotations
 
-from bench.workload import one
+import pytest
+
+from bench.cases import cases
 
 
-def test_remote_to_here(benchmark, rpc_world):
-    stack, rpc = rpc_world
-    benchmark.group = "remote + to_here"
-    benchmark.extra_info.update(stack=stack)
-
-    def round_trip():
-        return rpc.remote("worker1", one).to_here()
-
-    benchmark.pedantic(round_trip, rounds=2000, warmup_rounds=200, iterations=1)
+@pytest.mark.parametrize("case", cases("remote + to_here"))
+def test_remote_to_here(measured, case):
+    assert measured.samples

@@ -1,4 +1,4 @@
-"""What the benchmarks call remotely (importable by the server process)."""
+"""What the benchmarks call remotely (importable by every worker process)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,6 @@ import torch
 
 def noop(*args: object) -> None:
     return None
-
-
-def echo(x: torch.Tensor) -> torch.Tensor:
-    return x
 
 
 def one() -> torch.Tensor:
