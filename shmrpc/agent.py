@@ -40,7 +40,15 @@ from .serialization import Pickled, Received, Serializer
 from .transport import Message, Transport, allocate_buffer
 from .worker_info import WorkerInfo
 
-__all__ = ["CallFuture", "Inbound", "Later", "MessageGate", "RpcAgent", "failed_future"]
+__all__ = [
+    "CallFuture",
+    "Inbound",
+    "Later",
+    "MessageGate",
+    "Messenger",
+    "RpcAgent",
+    "failed_future",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +91,45 @@ class MessageGate(Protocol):
 
     def serving(self, context_id: int) -> ContextManager[None]:
         """Run a request's handler within the context its caller sent (-1: none)."""
+
+
+class Messenger(Protocol):
+    """What the layers above the agent (the RRef context, distributed autograd) may ask of it.
+
+    The agent implements it; they see nothing else of it, and never a transport.
+    """
+
+    worker_info: WorkerInfo
+    serializer: Serializer
+
+    def get_worker_info(self, worker: str | int | None = None) -> WorkerInfo: ...
+
+    def register_handler(
+        self, kind: int, handler: Callable[[Inbound, Any], Any], *, internal: bool = False
+    ) -> None: ...
+
+    def set_gate(self, gate: MessageGate) -> None: ...
+
+    def request_async(
+        self,
+        to: WorkerInfo,
+        kind: int,
+        payload: Any,
+        timeout: float,
+        flags: int = 0,
+        quick: bool = False,
+        backward: bool = False,
+    ) -> torch.futures.Future[Any]: ...
+
+    def request_sync(
+        self, to: WorkerInfo, kind: int, payload: Any, timeout: float, flags: int = 0
+    ) -> Any: ...
+
+    def call_sync(
+        self, to: WorkerInfo, func: Callable[..., Any], args: tuple, kwargs: dict, timeout: float
+    ) -> Any: ...
+
+    def notify(self, to: WorkerInfo, kind: int, payload: Any) -> None: ...
 
 
 class PlainGate:

@@ -38,15 +38,14 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from .agent import Inbound, Later, failed_future
+from .agent import Inbound, Later, Messenger, failed_future
 from .envelope import Flag, Kind
 from .errors import DescribedError, PeerLostError, RemoteError, RpcTimeoutError, describe_exception
 from .rref import GloballyUniqueId, RRef, _local_invoke, _local_invoke_async
-from .serialization import Serializer
 from .worker_info import WorkerInfo
 
 __all__ = ["RRefContext"]
@@ -62,35 +61,6 @@ _RETRIES = 5  # control messages: attempts after a timeout (torch's RpcRetryOpti
 _DELETION_BATCH_PAUSE = 0.01
 #: At most this many deletions per message (~25 bytes each pickled).
 _DELETIONS_PER_MESSAGE = 1000
-
-
-class Messenger(Protocol):
-    """What the context needs from the agent (which implements it)."""
-
-    worker_info: WorkerInfo
-    serializer: Serializer
-
-    def get_worker_info(self, worker: str | int | None = None) -> WorkerInfo: ...
-
-    def register_handler(
-        self, kind: int, handler: Callable[[Inbound, Any], Any], *, internal: bool = False
-    ) -> None: ...
-
-    def request_async(
-        self,
-        to: WorkerInfo,
-        kind: int,
-        payload: Any,
-        timeout: float,
-        flags: int = 0,
-        quick: bool = False,
-    ) -> torch.futures.Future[Any]: ...
-
-    def request_sync(
-        self, to: WorkerInfo, kind: int, payload: Any, timeout: float, flags: int = 0
-    ) -> Any: ...
-
-    def notify(self, to: WorkerInfo, kind: int, payload: Any) -> None: ...
 
 
 class _OwnerState:

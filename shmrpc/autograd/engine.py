@@ -25,11 +25,11 @@ import logging
 import threading
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from ..agent import Inbound, Later, failed_future
+from ..agent import Inbound, Later, Messenger, failed_future
 from ..envelope import Flag, Kind
 from ..errors import DescribedError, RemoteError
 from ..worker_info import WorkerInfo
@@ -41,37 +41,11 @@ __all__ = ["DistAutograd"]
 logger = logging.getLogger(__name__)
 
 
-class _Agent(Protocol):
-    """What the engine needs from the agent (agent.RpcAgent implements it)."""
-
-    worker_info: WorkerInfo
-
-    def get_worker_info(self, worker: str | int | None = None) -> WorkerInfo: ...
-    def register_handler(
-        self, kind: int, handler: Callable[[Inbound, Any], Any], *, internal: bool = False
-    ) -> None: ...
-    def request_async(
-        self,
-        to: WorkerInfo,
-        kind: int,
-        payload: Any,
-        timeout: float,
-        flags: int = 0,
-        quick: bool = False,
-        backward: bool = False,
-    ) -> torch.futures.Future[Any]: ...
-    def notify(self, to: WorkerInfo, kind: int, payload: Any) -> None: ...
-    def call_sync(
-        self, to: WorkerInfo, func: Callable[..., Any], args: tuple, kwargs: dict, timeout: float
-    ) -> Any: ...
-    def set_gate(self, gate: Any) -> None: ...
-
-
 class DistAutograd:
     """One per process while RPC is up: contexts, recording, and backward passes."""
 
-    def __init__(self, agent: Any, default_timeout: Callable[[], float]) -> None:
-        self._agent: _Agent = agent
+    def __init__(self, agent: Messenger, default_timeout: Callable[[], float]) -> None:
+        self._agent = agent
         self._default_timeout = default_timeout
         self.worker_id = agent.worker_info.id
         self.contexts = ContextContainer(self.worker_id)
