@@ -15,6 +15,11 @@ and every thread of every process of the world is given its CPU affinity: pinned
 unpinned, all cores. Affinity is set again after the
 block's warm-up calls, because TensorPipe starts threads lazily.
 
+CUDA rows run in worlds of their own (both workers on ``cuda:0``, worker0 with a device map to
+worker1), started only when a CUDA row is measured, kept for the CUDA rows that follow (after
+each block every worker hands its cached GPU memory back) and shut down as soon as a CPU row is
+measured: the CPU rows' worlds are made and measured as without them.
+
 Every wait has a timeout, and whatever happens every world is continued before it is shut
 down or killed.
 """
@@ -30,6 +35,7 @@ import signal
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -73,10 +79,11 @@ def set_affinity(pid: int, cores: set[int]) -> None:
 
 
 class World:
-    """``size`` worker processes of one stack, and the pipes that drive them."""
+    """``size`` worker processes of one stack, and the pipes that drive them; ``cuda``: made
+    with the device maps of the CUDA rows."""
 
-    def __init__(self, stack: str, size: int, generation: int) -> None:
-        self.stack, self.size, self.generation = stack, size, generation
+    def __init__(self, stack: str, size: int, generation: int, cuda: bool = False) -> None:
+        self.stack, self.size, self.generation, self.cuda = stack, size, generation, cuda
         self.store_dir = tempfile.mkdtemp(prefix=f"shmrpc-bench-{stack}-")
         self.procs: list[Any] = []
         self.conns: list[Connection] = []
@@ -84,7 +91,8 @@ class World:
         self.running = True
 
     def __repr__(self) -> str:
-        return f"<{self.stack} world of {self.size}, generation {self.generation}>"
+        kind = "CUDA world" if self.cuda else "world"
+        return f"<{self.stack} {kind} of {self.size}, generation {self.generation}>"
 
     def start(self) -> None:
         ctx = mp.get_context("spawn")
@@ -93,8 +101,9 @@ class World:
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(
                 target=worker.main,
-                args=(theirs, self.stack, rank, self.size, init_method),
-                name=f"bench-{self.stack}{self.size}-g{self.generation}-r{rank}",
+                args=(theirs, self.stack, rank, self.size, init_method, self.cuda),
+                name=f"bench-{self.stack}{self.size}{'-cuda' if self.cuda else ''}"
+                f"-g{self.generation}-r{rank}",
                 daemon=True,
             )
             proc.start()
@@ -230,7 +239,8 @@ class Campaign:
     """Worlds of every stack, started on first use, and the pooled results of every row."""
 
     def __init__(self, log: list[str] | None = None) -> None:
-        self.worlds: dict[tuple[str, int, int], World] = {}
+        #: (stack, size, cuda, generation) -> world
+        self.worlds: dict[tuple[str, int, bool, int], World] = {}
         self.results: dict[tuple[str, str], dict[str, Pool]] = {}
         self.log: list[str] = [] if log is None else log
         #: CPU time per second of an idle worker, per stack: what freezing keeps off the cores
@@ -238,13 +248,13 @@ class Campaign:
         atexit.register(self.close)
 
     # ------------------------------------------------------------------ worlds
-    def world(self, stack: str, size: int, generation: int) -> World:
-        key = (stack, size, generation)
+    def world(self, stack: str, size: int, generation: int, cuda: bool = False) -> World:
+        key = (stack, size, cuda, generation)
         if key not in self.worlds:
             for other in self.worlds.values():
                 if other.running:
                     other.freeze()
-            world = World(stack, size, generation)
+            world = World(stack, size, generation, cuda)
             self.worlds[key] = world
             started = time.monotonic()
             world.start()
@@ -253,8 +263,9 @@ class Campaign:
 
     def measure_idle(self, seconds: float = 1.0) -> None:
         """Per stack, CPU seconds per second of the busiest worker of a 2-worker world that has
-        made calls and makes none now: the polling that freezing keeps off the cores."""
-        for (stack, size, _), world in list(self.worlds.items()):
+        made calls and makes none now: the polling that freezing keeps off the cores. CPU
+        worlds are asked first; a CUDA world only where its stack has no other."""
+        for (stack, size, _, _), world in sorted(self.worlds.items(), key=lambda kv: kv[0][2]):
             if size != 2 or stack in self.idle:
                 continue
             self.activate(world)
@@ -285,9 +296,10 @@ class Campaign:
         for world in worlds:
             world.close()
 
-    def retire(self, size: int) -> None:
-        """Shut down the worlds of ``size`` workers (the all-to-all worlds, once measured)."""
-        for key in [key for key in self.worlds if key[1] == size]:
+    def retire(self, which: Callable[[World], bool]) -> None:
+        """Shut down the worlds ``which`` selects (the all-to-all worlds, once measured; the
+        CUDA worlds, once a CPU row comes)."""
+        for key in [key for key, world in self.worlds.items() if which(world)]:
             self.worlds.pop(key).close()
 
     # ------------------------------------------------------------------ measuring
@@ -295,24 +307,27 @@ class Campaign:
         """Measure ``r`` in each of ``pins`` on ``stacks``; results go to ``self.results``.
 
         Per generation, per pin mode: A B C C B A. Worlds of more than 2 workers (only the
-        all-to-all row uses them) are shut down after their generation.
+        all-to-all row uses them) are shut down after their generation; CUDA worlds when a CPU
+        row is measured.
         """
         stacks = [s for s in STACKS if s in stacks]
         pools = {(pin, stack): Pool() for pin in pins for stack in stacks}
         try:
+            if not r.cuda:
+                self.retire(lambda w: w.cuda)
             for generation in range(GENERATIONS):
                 for pin in pins:
                     started = time.monotonic()
                     for repeat in range(REPEATS):
                         for stack in block_order(stacks, generation, repeat):
-                            world = self.world(stack, r.workers, generation)
+                            world = self.world(stack, r.workers, generation, r.cuda)
                             self.block(world, r, pin, pools[pin, stack])
                     self.log.append(
                         f"{r.title} ({pin}), generation {generation}: "
                         f"{time.monotonic() - started:.1f} s"
                     )
                 if r.workers != 2:
-                    self.retire(r.workers)
+                    self.retire(lambda w: w.size == r.workers and w.cuda == r.cuda)
         except BaseException:
             self.close()  # a world in an unknown state: the next row starts fresh ones
             raise
@@ -330,6 +345,8 @@ class Campaign:
         before = world.command(everyone, CPU_TIMEOUT, "cpu")
         answers = world.command(clients, BLOCK_TIMEOUT, "run", r.title)
         after = world.command(everyone, CPU_TIMEOUT, "cpu")
+        if r.cuda:  # outside the CPU time: every worker hands its cached GPU memory back
+            world.command(everyone, BLOCK_TIMEOUT, "release")
         calls = sum(answer["calls"] for answer in answers.values())
         if r.kind == "latency":
             samples = answers[0]["samples"]

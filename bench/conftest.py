@@ -5,6 +5,9 @@ pytest-benchmark group is the row and pin mode, so the stacks of a row sit side 
 is measured when its first test runs, for the stacks and pin modes the session selected (so
 ``-k`` selects cheaply), all of them in one interleaved campaign; each test then replays its
 stack's pooled samples into pytest-benchmark (bench/replay.py).
+
+A CUDA row (bench/test_cuda.py) is skipped where torch sees no CUDA device, before any world
+is started: by its test module's mark, and again here before it would be measured.
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ _idle: dict[str, float] = {}
 _failed: dict[str, str] = {}  # row -> why measuring it failed (its other tests fail at once)
 
 
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device here (torch is imported only when asked)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @pytest.fixture(scope="session")
 def campaign() -> Iterator[Campaign]:
     campaign = Campaign(_log)
@@ -60,7 +70,12 @@ def pytest_benchmark_update_json(config: Any, benchmarks: Any, output_json: dict
         "cores": CORES,
         "idle_cpu_per_s": _idle,
         "rows": {
-            r.title: {"calls": r.block_calls, "warmup": r.block_warmup, "chunk": r.chunk}
+            r.title: {
+                "calls": r.block_calls,
+                "warmup": r.block_warmup,
+                "chunk": r.chunk,
+                "cuda": r.cuda,
+            }
             for r in ROWS.values()
         },
     }
@@ -89,6 +104,8 @@ def measured(request: pytest.FixtureRequest, benchmark: Any, campaign: Campaign)
     """Measure (if not yet) this test's row, replay this stack's and pin mode's samples."""
     case: Case = request.node.callspec.params["case"]
     r = row(case.title)
+    if r.cuda and not cuda_available():
+        pytest.skip("needs a CUDA device (the CUDA rows skip without one)")
     if r.title in _failed:
         pytest.fail(f"measuring this row failed in an earlier test: {_failed[r.title]}")
     if (r.title, case.pin) not in campaign.results:
@@ -115,6 +132,7 @@ def _extra_info(r: Row, case: Case, pool: Pool) -> dict[str, Any]:
         "bytes": r.size,
         "inflight": r.inflight,
         "workers": r.workers,
+        "cuda": r.cuda,
         "blocks": pool.blocks,
         "block_medians_s": pool.block_medians,
         "median_s": median,

@@ -4,8 +4,9 @@
 the document it also rewrites the text between its ``<!-- method:begin/end -->`` markers (how
 the figures are measured, with the calls per block of bench/rows.py) and between its
 ``<!-- results:begin/end -->`` markers (one table per pin mode, medians of one run, each stack
-beside TensorPipe), and draws ``latency_vs_size.png`` next to it (log-log, shm, tcp and
-TensorPipe, pinned and unpinned).
+beside TensorPipe; then the CUDA rows' tables, one per pin mode, or one line saying that the
+run had none), and draws ``latency_vs_size.png`` next to it (log-log, shm, tcp and TensorPipe,
+pinned and unpinned).
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.rows import PINS, ROWS, STACKS, SYNC_SIZES, row
+from bench.rows import CUDA_CALLS, CUDA_GBPS_FROM, CUDA_SIZES, PINS, ROWS, STACKS, SYNC_SIZES, row
 
 NONE, TIMES = "-", "x"
 NAMES = {"shm": "shm", "tcp": "tcp", "tensorpipe": "TensorPipe"}
 PLOT = "latency_vs_size.png"
 METHOD = ("<!-- method:begin -->", "<!-- method:end -->")
 RESULTS = ("<!-- results:begin -->", "<!-- results:end -->")
+CUDA_TITLE = "CUDA tensors (device maps cuda:0 -> cuda:0)"
+NO_CUDA = (
+    f"{CUDA_TITLE}: no figures yet. The CUDA rows (`cuda_echo`, bench/test_cuda.py) skip "
+    "where torch sees no CUDA device, as in this run, and have not run on a GPU yet."
+)
 
 Results = dict[tuple[str, str], dict[str, dict[str, Any]]]  # (row, pin) -> stack -> benchmark
 
@@ -45,7 +51,9 @@ def _median(bench: dict[str, Any]) -> float:
 def _time(seconds: float) -> str:
     if seconds < 1e-3:
         return f"{seconds * 1e6:.1f} µs"
-    return f"{seconds * 1e3:.2f} ms"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
 
 
 def _value(title: str, bench: dict[str, Any]) -> str:
@@ -55,6 +63,8 @@ def _value(title: str, bench: dict[str, Any]) -> str:
         return f"{rate / 1e3:.1f} k/s" if rate >= 1e3 else f"{rate:.0f} /s"
     if r.kind == "bandwidth":
         return f"{r.size / median / 1e9:.2f} GB/s"
+    if r.cuda and r.size >= CUDA_GBPS_FROM:  # the tensor crosses twice per round trip
+        return f"{_time(median)} ({2 * r.size / median / 1e9:.1f} GB/s)"
     return _time(median)
 
 
@@ -70,13 +80,23 @@ def _cpu(bench: dict[str, Any] | None) -> str:
     return f"{client:.0f} / {server:.0f}"
 
 
-def table(results: Results, pin: str) -> str:
+def _has(results: Results, pin: str, cuda: bool) -> bool:
+    """Whether ``results`` has rows of this pin mode among the CPU rows or (``cuda``) the CUDA
+    rows (rows that bench/rows.py no longer defines are left out, as in :func:`table`)."""
+    return any(p == pin and t in ROWS and ROWS[t].cuda == cuda for t, p in results)
+
+
+def table(results: Results, pin: str, cuda: bool = False) -> str:
+    """The rows of one pin mode: the CPU rows, or (``cuda``) the CUDA rows."""
     cpu_heads = " | ".join(f"CPU {NAMES[s]}" for s in STACKS)
+    head = f"CUDA, {pin}" if cuda else pin
     lines = [
-        f"| {pin} (median) | shm | tcp | TensorPipe | shm {TIMES} | tcp {TIMES} | {cpu_heads} |",
+        f"| {head} (median) | shm | tcp | TensorPipe | shm {TIMES} | tcp {TIMES} | {cpu_heads} |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for title in ROWS:
+        if row(title).cuda != cuda:
+            continue
         benches = results.get((title, pin))
         if not benches:
             continue
@@ -94,8 +114,17 @@ def table(results: Results, pin: str) -> str:
 def rendered(data: dict[str, Any], results: Results, plot: str | None) -> str:
     parts = []
     for pin in PINS:
-        if any(p == pin for _, p in results):
+        if _has(results, pin, cuda=False):
             parts.append(table(results, pin))
+    if any(_has(results, pin, cuda=True) for pin in PINS):
+        parts.append(
+            f"**{CUDA_TITLE}**: `cuda_echo <size>` round trips; latency per call, and for "
+            f"{CUDA_GBPS_FROM >> 20} MiB and more the GB/s it makes (2 x size / median: the "
+            "tensor crosses twice)."
+        )
+        parts.extend(table(results, pin, cuda=True) for pin in PINS if _has(results, pin, True))
+    else:
+        parts.append(NO_CUDA)
     quick = data.get("bench", {}).get("quick") or any(
         b["extra_info"].get("quick") for group in results.values() for b in group.values()
     )
@@ -141,6 +170,10 @@ def method(config: dict[str, Any]) -> str:
         return str(rows.get(title, {}).get("calls", "?"))
 
     sync = ", ".join(f"{key} {calls(f'rpc_sync {key}')}" for key in SYNC_SIZES)
+    cuda_calls = ", ".join(
+        f"{key} {calls(f'cuda_echo {key}') if f'cuda_echo {key}' in rows else CUDA_CALLS[key][0]}"
+        for key in CUDA_SIZES
+    )
     pipelined = ", ".join(
         f"{r.inflight} in flight {calls(r.title)}"
         for r in ROWS.values()
@@ -162,7 +195,10 @@ def method(config: dict[str, Any]) -> str:
         f"""Every worker is a spawned process of its own, driven over a pipe by the pytest
         process, which is no RPC worker. The worlds of all three stacks are alive at once (per
         stack a 2-worker world and, for the all-to-all row, a 4-worker world), in {generations}
-        generation{"s" if generations != 1 else ""} of fresh worlds.""",
+        generation{"s" if generations != 1 else ""} of fresh worlds. The CUDA rows have 2-worker
+        worlds of their own, made with device maps and started only when a CUDA row runs;
+        they are shut down before any CPU row is measured, whose worlds never have device
+        maps.""",
         f"""A row is measured in blocks of calls, in the order A B C C B A over the stacks
         ({repeats}x per generation, starting one stack later in each generation), pinned and
         unpinned: {blocks} blocks per stack, row and pin mode, interleaved in time with the
@@ -177,7 +213,7 @@ def method(config: dict[str, Any]) -> str:
         `rpc_sync` {sync}; `remote` + `to_here` {calls("remote + to_here")}; `rpc_async`
         {pipelined}; all-to-all {calls("all-to-all, 4 workers x 16 in flight")} per worker;
         stream {calls("stream 64MiB, 4 in flight")}; training step
-        {calls("train step, model-parallel RNN")}.""",
+        {calls("train step, model-parallel RNN")}; CUDA echo {cuda_calls}.""",
         """CPU µs per call, `caller / callee`: CPU time (user + system, all threads) of the
         calling worker over its measured calls, and of the serving worker over the same block,
         divided by the calls made; median over the blocks. It counts polling: a thread that
@@ -200,6 +236,14 @@ def method(config: dict[str, Any]) -> str:
         """`train step`: one step of the model-parallel RNN example (`shmrpc/examples/rnn.py`:
         forward through two `rpc_sync`, distributed backward, `DistributedOptimizer` step); for
         TensorPipe the same source with torch's imports (bench/rnn_torch.py).""",
+        """`cuda_echo <size>` (CUDA tensors, skipped without a CUDA device): round trip of
+        `rpc_sync("worker1", echo, (tensor,))` with a float32 tensor of that many bytes on
+        `cuda:0`; worker0's `device_maps={"worker1": {0: 0}}` puts it on worker1's `cuda:0`, and
+        `echo` returns it, back through the inverse of the map. shm passes CUDA IPC handles,
+        tcp stages through pinned host memory, TensorPipe uses its default channels (cuda_ipc
+        between processes on one host). Each call ends with `torch.cuda.synchronize()` before
+        the clock is read; after each block every worker frees its cached GPU memory
+        (`ipc_collect`, `empty_cache`), outside the timed and CPU-counted calls; latency.""",
     ]
     return "\n\n".join(
         [

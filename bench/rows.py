@@ -11,6 +11,11 @@ Kinds of row:
   divided by ``chunk``, so its inverse is calls per second. The all-to-all row merges the
   completions of every worker (one clock, CLOCK_MONOTONIC) while all of them are calling.
 * ``bandwidth``: a rate row whose calls each carry ``size`` bytes; reported in GB/s.
+
+CUDA rows (``cuda=True``, op ``cuda_echo``) are latency rows whose tensor lives on ``cuda:0``
+of both workers: worker0 sends it with ``device_maps={"worker1": {0: 0}}`` and worker1 returns
+it (the reply comes back through the inverse of that map). They run in worlds of their own,
+started only when a CUDA row is measured, and are skipped where torch sees no CUDA device.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 
 STACKS = ("shm", "tcp", "tensorpipe")
 PINS = ("pinned", "unpinned")
-KiB, MiB = 1 << 10, 1 << 20
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 #: BENCH_QUICK=1 divides the calls of every block and runs one generation: a smoke test of the
 #: machinery, not figures to publish.
@@ -36,13 +41,14 @@ class Row:
     key: str  # the test id part, e.g. "0B"
     title: str  # the table's row name (and pytest-benchmark group, with the pin mode)
     kind: str  # "latency", "rate" or "bandwidth"
-    op: str  # what a call does: "sync", "remote", "async", "all_to_all", "train"
+    op: str  # what a call does: "sync", "remote", "async", "all_to_all", "train", "cuda_echo"
     calls: int  # measured calls per block (per worker for all-to-all)
     warmup: int  # calls before the measured ones in every block, not recorded
     size: int = 0  # bytes of the float32 tensor each call carries
     inflight: int = 1  # calls kept outstanding (rate and bandwidth rows)
     chunk: int = 1  # completions per sample (rate and bandwidth rows)
     workers: int = 2  # world size: 2, or 4 for all-to-all
+    cuda: bool = False  # the tensor is on cuda:0, in a world made with device maps
 
     @property
     def block_calls(self) -> int:
@@ -55,6 +61,14 @@ class Row:
 
 SYNC_SIZES = {"0B": 0, "1KiB": KiB, "1MiB": MiB, "16MiB": 16 * MiB, "64MiB": 64 * MiB}
 SYNC_CALLS = {"0B": (1500, 150), "1KiB": (1500, 150), "1MiB": (300, 30), "16MiB": (40, 4)}
+#: CUDA round trips (``cuda_echo``): size -> (calls, warm-up) per block. Over tcp a 1 GiB call
+#: stages 1 GiB through host memory and loopback each way (seconds), hence the few calls.
+CUDA_DEVICE = 0  # both workers' tensors are on cuda:0; worker0 maps it to worker1's cuda:0
+CUDA_SIZES = {"1KiB": KiB, "1MiB": MiB, "64MiB": 64 * MiB, "1GiB": GiB}
+CUDA_CALLS = {"1KiB": (1000, 100), "1MiB": (300, 30), "64MiB": (40, 4), "1GiB": (8, 2)}
+#: From this size on, the report also gives a CUDA row's GB/s (2 x size / median: the tensor
+#: crosses twice per round trip).
+CUDA_GBPS_FROM = 64 * MiB
 
 ROWS: dict[str, Row] = {}
 
@@ -110,6 +124,9 @@ _add(
     )
 )
 _add(Row("train", "train step, model-parallel RNN", "latency", "train", 100, 5))
+for _key, _size in CUDA_SIZES.items():
+    _calls, _warmup = CUDA_CALLS[_key]
+    _add(Row(_key, f"cuda_echo {_key}", "latency", "cuda_echo", _calls, _warmup, _size, cuda=True))
 
 
 def row(title: str) -> Row:

@@ -9,16 +9,27 @@ torch.distributed.rpc with its TensorPipe agent) and then answers commands:
   "calls", ...}``, where ``cpu`` is this process's CPU time (all threads, user + system) over
   the calls and ``calls`` how many it made.
 * ``("cpu",)``: this process's CPU time so far; servers answer it before and after a block.
+* ``("release",)``: after a block of a CUDA row, on every worker: drop the row's tensors and
+  hand the GPU memory they and the transport's copies left cached back (a frozen world keeps
+  no GiBs on the GPU).
 * ``("shutdown",)``: a graceful ``rpc.shutdown()`` (every worker of the world gets it), then exit.
 
 Clocks: ``time.perf_counter`` (CLOCK_MONOTONIC, one clock for every process of the host) and
-``time.process_time``.
+``time.process_time``. A CUDA call ends with ``torch.cuda.synchronize`` of ``cuda:0`` before
+the clock is read: the reply's copies (IPC, staging, TensorPipe's channels) may still be queued
+on a stream when ``rpc_sync`` returns.
+
+Worlds of CUDA rows (``cuda=True``) put both workers on ``cuda:0``; worker0's options carry
+``device_maps={"worker1": {0: 0}}`` (``RpcBackendOptions`` for shmrpc,
+``TensorPipeRpcBackendOptions`` for TensorPipe). Worker1 needs no map: a reply goes back
+through the inverse of the caller's map (TensorPipe derives worker1's devices from it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 import signal
 import time
@@ -29,7 +40,7 @@ from multiprocessing.connection import Connection
 from types import ModuleType
 from typing import Any
 
-from bench.rows import Row, row
+from bench.rows import CUDA_DEVICE, Row, row
 
 PR_SET_PDEATHSIG = 1
 RPC_TIMEOUT = 120.0
@@ -53,16 +64,34 @@ def _rpc_module(stack: str) -> ModuleType:
     return shmrpc
 
 
-def _init(stack: str, rank: int, world_size: int, init_method: str) -> ModuleType:
+def device_maps(rank: int, world_size: int) -> dict[str, dict[int, int]] | None:
+    """A CUDA world's maps: worker0 sends ``cuda:0`` to every peer's ``cuda:0``; the others
+    only reply, through the inverse of worker0's map, and need none."""
+    if rank != 0:
+        return None
+    return {f"worker{r}": {CUDA_DEVICE: CUDA_DEVICE} for r in range(1, world_size)}
+
+
+def _init(
+    stack: str, rank: int, world_size: int, init_method: str, cuda: bool = False
+) -> ModuleType:
     rpc = _rpc_module(stack)
     name = f"worker{rank}"
+    maps = None
+    if cuda:
+        import torch
+
+        torch.cuda.set_device(CUDA_DEVICE)
+        maps = device_maps(rank, world_size)
     if stack == "tensorpipe":
         options: Any = rpc.TensorPipeRpcBackendOptions(
-            init_method=init_method, rpc_timeout=RPC_TIMEOUT
+            init_method=init_method, rpc_timeout=RPC_TIMEOUT, device_maps=maps
         )
         rpc.init_rpc(name, rank=rank, world_size=world_size, rpc_backend_options=options)
     else:
-        options = rpc.RpcBackendOptions(init_method=init_method, rpc_timeout=RPC_TIMEOUT)
+        options = rpc.RpcBackendOptions(
+            init_method=init_method, rpc_timeout=RPC_TIMEOUT, device_maps=maps
+        )
         rpc.init_rpc(
             name, backend=stack, rank=rank, world_size=world_size, rpc_backend_options=options
         )
@@ -70,13 +99,17 @@ def _init(stack: str, rank: int, world_size: int, init_method: str) -> ModuleTyp
 
 
 class Worker:
-    def __init__(self, stack: str, rank: int, world_size: int, rpc: ModuleType) -> None:
+    def __init__(
+        self, stack: str, rank: int, world_size: int, rpc: ModuleType, cuda: bool = False
+    ) -> None:
         import torch
 
         self.torch = torch
         self.stack, self.rank, self.world_size, self.rpc = stack, rank, world_size, rpc
+        self.cuda = cuda
         self.peers = [f"worker{r}" for r in range(world_size) if r != rank]
         self._tensors: dict[int, Any] = {}
+        self._cuda_tensors: dict[int, Any] = {}
         self._train: Any = None
         self.losses: list[float] = []
 
@@ -85,10 +118,21 @@ class Worker:
             self._tensors[size] = self.torch.ones(size // 4)
         return self._tensors[size]
 
+    def cuda_tensor(self, size: int) -> Any:
+        """``size`` bytes of float32 on ``cuda:0``, distinct values (checked after the echo)."""
+        if not self.cuda:
+            raise RuntimeError("a CUDA row in a world made without device maps")
+        if size not in self._cuda_tensors:
+            torch = self.torch
+            device = torch.device("cuda", CUDA_DEVICE)
+            self._cuda_tensors[size] = torch.arange(size // 4, dtype=torch.float32, device=device)
+            torch.cuda.synchronize(device)
+        return self._cuda_tensors[size]
+
     # ------------------------------------------------------------------------ one call
     def op(self, r: Row) -> Callable[[int], Any]:
         """The call a row makes, as a function of the call's index."""
-        from bench.workload import noop, one
+        from bench.workload import echo, noop, one
 
         rpc, peer = self.rpc, self.peers[0]
         if r.op == "sync":
@@ -104,6 +148,15 @@ class Worker:
             return lambda i: rpc.rpc_async(peers[i % len(peers)], noop, args)
         if r.op == "train":
             return self._train_step()
+        if r.op == "cuda_echo":
+            args = (self.cuda_tensor(r.size),)
+            synchronize, device = self.torch.cuda.synchronize, args[0].device
+
+            def echo_call(i: int) -> None:
+                rpc.rpc_sync(peer, echo, args)
+                synchronize(device)  # the reply's copies are done before the clock is read
+
+            return echo_call
         raise ValueError(f"unknown op {r.op!r}")
 
     def _train_step(self) -> Callable[[int], Any]:
@@ -130,7 +183,33 @@ class Worker:
                 call(i)
         else:
             _window(call, r.inflight, r.block_warmup)
+        if r.op == "cuda_echo":
+            self._check_echo(r)
         return {}
+
+    def _check_echo(self, r: Row) -> None:
+        """One more call, unrecorded: the reply is the tensor sent, on ``cuda:0``."""
+        torch, sent = self.torch, self.cuda_tensor(r.size)
+        from bench.workload import echo
+
+        got = self.rpc.rpc_sync(self.peers[0], echo, (sent,))
+        torch.cuda.synchronize(sent.device)
+        if not isinstance(got, torch.Tensor) or got.device != sent.device:
+            where = got.device if isinstance(got, torch.Tensor) else type(got).__name__
+            raise RuntimeError(f"{r.title}: the reply is on {where}, not {sent.device}")
+        if got.shape != sent.shape or not torch.equal(got, sent):
+            raise RuntimeError(f"{r.title}: the reply differs from the tensor sent")
+
+    def release(self) -> None:
+        """Drop this row's CUDA tensors; empty torch's caches (and IPC limbo) on ``cuda:0``."""
+        if not self.cuda:
+            return
+        torch = self.torch
+        self._cuda_tensors.clear()
+        gc.collect()
+        torch.cuda.synchronize(CUDA_DEVICE)
+        torch.cuda.ipc_collect()
+        torch.cuda.empty_cache()
 
     def run(self, r: Row) -> dict[str, Any]:
         call = self.op(r)
@@ -174,11 +253,13 @@ def _window(call: Callable[[int], Any], inflight: int, completions: int) -> tupl
     return stamps, issued
 
 
-def main(conn: Connection, stack: str, rank: int, world_size: int, init_method: str) -> None:
+def main(
+    conn: Connection, stack: str, rank: int, world_size: int, init_method: str, cuda: bool = False
+) -> None:
     _die_with_parent()
     try:
-        rpc = _init(stack, rank, world_size, init_method)
-        worker = Worker(stack, rank, world_size, rpc)
+        rpc = _init(stack, rank, world_size, init_method, cuda)
+        worker = Worker(stack, rank, world_size, rpc, cuda)
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return
@@ -197,6 +278,8 @@ def main(conn: Connection, stack: str, rank: int, world_size: int, init_method: 
                 reply = worker.warm(row(args[0]))
             elif command == "run":
                 reply = worker.run(row(args[0]))
+            elif command == "release":
+                reply = worker.release()
             elif command == "shutdown":
                 rpc.shutdown()
                 conn.send(("ok", None))

@@ -9,5 +9,10 @@ def noop(*args: object) -> None:
     return None
 
 
+def echo(x: torch.Tensor) -> torch.Tensor:
+    """The argument itself: the reply carries the tensor back (CUDA rows)."""
+    return x
+
+
 def one() -> torch.Tensor:
     return torch.ones(1)
