@@ -3,8 +3,9 @@
 Every message leaves through :meth:`RpcAgent._transmit` and arrives through
 :meth:`RpcAgent.deliver`. Between pickling and sending, and between unpacking a message's
 tensors and unpickling it, each message passes the agent's :class:`MessageGate` with all of its
-tensors: distributed autograd records its send/recv functions there (and device maps will
-apply there). Whoever serves a kind of request (the agent itself for calls and all-gathers, the RRef
+tensors: distributed autograd records its send/recv functions there. Device maps apply as a
+message is pickled: the serializer asks the peer's placement (``devices.py``) where each tensor
+lands. Whoever serves a kind of request (the agent itself for calls and all-gathers, the RRef
 context for its protocol) registers a handler with :meth:`RpcAgent.register_handler`.
 """
 
