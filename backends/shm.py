@@ -415,9 +415,28 @@ class ShmTransport(Transport):
             raise PeerLostError(f"shm: no channel to rank {peer}")
         if channel.lost is not None:
             raise channel.lost
+        lock = channel.send_lock
+        if not message.buffers and len(message.payload) <= _WHOLE:
+            # The small call: one frame in one piece (no buffers, so nothing on a device).
+            header, payload = message.header, message.payload
+            frame = PREFIX.pack(len(header) + len(payload), len(header), 0, len(payload))
+            frame += header
+            frame += payload
+            if not (lock.acquire() if timeout is None else lock.acquire(timeout=timeout)):
+                raise TimeoutError(f"shm: the channel to rank {peer} stayed busy for {timeout} s")
+            try:
+                ring = channel.outbox
+                if len(frame) <= ring.writable():
+                    ring.put(0, frame)
+                    ring.commit(len(frame))
+                else:
+                    self._stream(channel, frame[: PREFIX.size], message, timeout)
+            finally:
+                lock.release()
+            channel.ring_bell()
+            return
         message, codes = for_the_wire(message, ipc=True)  # CUDA buffers go by IPC handle
         head, total = describe(message, codes)
-        lock = channel.send_lock
         if not (lock.acquire() if timeout is None else lock.acquire(timeout=timeout)):
             raise TimeoutError(f"shm: the channel to rank {peer} stayed busy for {timeout} s")
         try:
@@ -509,7 +528,17 @@ class ShmTransport(Transport):
 
     def _read(self, channel: _Channel) -> Message:
         ring = channel.inbox
-        frame = Frame(ring.unpack(PREFIX))
+        prefix = ring.unpack(PREFIX)
+        body, header_size, count, payload_size = prefix
+        total = PREFIX.size + body
+        if not count and total <= _WHOLE and header_size + payload_size == body:
+            # The small call, fully arrived: header and payload only.
+            limit = self._max_message
+            if ring.readable() >= total and (limit is None or total <= limit + 4096):
+                whole = ring.get(PREFIX.size, body)
+                ring.release(total)
+                return Message(whole[:header_size], memoryview(whole)[header_size:])
+        frame = Frame(prefix)
         check_frame(frame, self._max_message, f"shm: rank {channel.peer}")
         if frame.total <= _WHOLE and ring.readable() >= frame.total:
             return self._read_whole(ring, frame)

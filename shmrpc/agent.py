@@ -150,6 +150,8 @@ class PlainGate:
 
 
 def restore_requires_grad(received: Received) -> None:
+    if True not in received.requires_grad:
+        return
     for t, wanted in zip(received.tensors, received.requires_grad, strict=True):
         if wanted:
             t.requires_grad_(True)
@@ -192,6 +194,18 @@ class CallFuture(torch.futures.Future[Any]):
         super().__init__()
         self._agent: RpcAgent | None = None
         self._call: _Call | None = None
+        #: Whether a callback was added through ``then``/``add_done_callback``. Completing a
+        #: future without one runs no user code, so whichever thread polled its reply may do
+        #: it at once instead of handing it to a pool thread.
+        self.has_callbacks = False
+
+    def then(self, callback: Callable[[Any], Any]) -> Any:
+        self.has_callbacks = True
+        return super().then(callback)
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        self.has_callbacks = True
+        super().add_done_callback(callback)
 
     def wait(self) -> Any:
         call, agent = self._call, self._agent
@@ -601,8 +615,12 @@ class RpcAgent:
             else:
                 if call.timer is not None:
                     call.timer.cancel()
-                own = call.quick or call.waiter == threading.get_ident()
-                submit = self._dispatcher.submit_quick if own else self._dispatcher.submit
+                quick = (
+                    call.quick
+                    or call.waiter == threading.get_ident()
+                    or not getattr(call.future, "has_callbacks", True)
+                )
+                submit = self._dispatcher.submit_quick if quick else self._dispatcher.submit
                 submit(self._complete, call, peer, message)
             return
         self._dispatcher.submit(self._serve, peer, message, request=True)

@@ -385,16 +385,37 @@ def _tensor_table(
             found = targets[device] = device if place is None else place(device)
         return found
 
-    ranges: dict[tuple[int, int], list[Any]] = {}  # (device, data_ptr) -> [lo, hi, storage]
-    placed: list[tuple[tuple[int, int], int] | None] = []
+    # One pass over the tensors finds each storage once. CPU storages that stay on the CPU
+    # and fit travel inline, whole; the others collect the byte range their tensors use.
+    # (The small-call path: a few torch accessors per tensor, nothing allocated for most.)
+    cpu_stays = target_of(_CPU).type == "cpu"
+    inline: list[bytes] = []
+    where: dict[Any, tuple[int, int]] = {}  # storage key -> (storage ref, byte base)
+    ranges: dict[Any, list[Any]] = {}  # storage key -> [lo, hi, storage], for blobs
+    placed: list[tuple[Any, int, int] | None] = []  # (storage key, byte start, device code)
     for t in tensors:
         if not t.numel():
             placed.append(None)
             continue
         storage = t.untyped_storage()
-        key = (t.get_device(), storage.data_ptr())
         itemsize = t.element_size()
         start = int(t.storage_offset()) * itemsize
+        if t.is_cpu:
+            key: Any = storage.data_ptr()
+            device = -1 if cpu_stays else _device_code(target_of(_CPU))
+            if key in where:
+                placed.append((key, start, device))
+                continue
+            if cpu_stays and key not in ranges:
+                nbytes = storage.nbytes()
+                if nbytes <= _INLINE_STORAGE:
+                    where[key] = (-1 - len(inline), 0)
+                    inline.append(ctypes.string_at(key, nbytes))
+                    placed.append((key, start, device))
+                    continue
+        else:
+            key = (t.get_device(), storage.data_ptr())
+            device = _device_code(target_of(t.device))
         if t.is_contiguous():
             extent = t.numel()
         else:
@@ -408,25 +429,17 @@ def _tensor_table(
         else:
             span[0] = min(span[0], start)
             span[1] = max(span[1], end)
-        placed.append((key, start))
+        placed.append((key, start, device))
 
     blobs: list[torch.Tensor] = []
     blob_targets: list[torch.device] = []
-    inline: list[bytes] = []
-    where: dict[tuple[int, int], tuple[int, int]] = {}  # key -> (storage ref, byte base)
     for key, (lo, hi, storage) in ranges.items():
-        nbytes = storage.nbytes()
-        target = target_of(storage.device)
-        if key[0] < 0 and nbytes <= _INLINE_STORAGE and target.type == "cpu":
-            where[key] = (-1 - len(inline), 0)
-            inline.append(ctypes.string_at(storage.data_ptr(), nbytes))
-            continue
         lo -= lo % _ALIGN
         blob = torch.empty(0, dtype=torch.uint8, device=storage.device)
         blob.set_(storage, lo, (hi - lo,), (1,))
         where[key] = (len(blobs), lo)
         blobs.append(blob)
-        blob_targets.append(target)
+        blob_targets.append(target_of(storage.device))
 
     table = [0, len(blobs), len(inline), len(tensors)]
     table += [len(data) for data in inline]
@@ -434,13 +447,12 @@ def _tensor_table(
         flags = _REQUIRES_GRAD if t.requires_grad else 0
         if spot is None:
             ref, offset, flags = 0, 0, flags | _EMPTY
+            device = _device_code(target_of(t.device))
         else:
-            key, start = spot
+            key, start, device = spot
             ref, base = where[key]
             offset = start - base
         shape = t.shape
-        lands = target_of(t.device)
-        device = -1 if lands.type == "cpu" else lands.index
         table += (ref, offset, _DTYPE_CODE[t.dtype], flags, device, len(shape))
         table += shape
         table += t.stride()
@@ -448,6 +460,11 @@ def _tensor_table(
     if all(d.type == "cpu" for d in blob_targets) and all(b.is_cpu for b in blobs):
         blob_targets = []
     return array.array("q", table).tobytes() + b"".join(inline), blobs, blob_targets
+
+
+def _device_code(device: torch.device) -> int:
+    """A tensor table's device field: -1 for the CPU, else the CUDA index."""
+    return -1 if device.type == "cpu" else device.index
 
 
 def _unpack_table(
@@ -477,7 +494,11 @@ def _unpack_table(
             t = torch.empty_strided(shape, stride, dtype=dtype, device=where)
         else:
             holder = buffers[ref] if ref >= 0 else inline[-1 - ref]
-            t = torch.empty(0, dtype=dtype, device=holder.device)
+            # (Passing device= costs more than the rest together: only for GPU buffers.)
+            if holder.is_cpu:
+                t = torch.empty(0, dtype=dtype)
+            else:
+                t = torch.empty(0, dtype=dtype, device=holder.device)
             begin = holder.storage_offset() + offset
             t.set_(holder.untyped_storage(), begin // dtype.itemsize, shape, stride)
         tensors.append(t)
