@@ -333,11 +333,11 @@ class RpcAgent:
         self._lost_lock = threading.Lock()
         self._stopped = False
 
-        # Work accounting, for the graceful shutdown's "all outstanding work is done".
+        # Work accounting, for the graceful shutdown's "all outstanding work is done" (user
+        # requests still waiting for a reply are the non-internal entries of _calls).
         self._stats_lock = threading.Lock()
         self._requests_sent = 0  # user (non-internal) requests sent
         self._requests_served = 0  # user requests received
-        self._outstanding = 0  # user requests sent and not yet answered
         self._serving = 0  # user requests received and not yet answered
         self._serving_async = 0  # of those, waiting on an async_execution future
 
@@ -514,7 +514,6 @@ class RpcAgent:
         if not internal:
             with self._stats_lock:
                 self._requests_sent += 1
-                self._outstanding += 1
         if not sync and timeout > 0:
             expire = functools.partial(self._expire, call.request_id, timeout, to.name)
             call.timer = self._deadlines.schedule(time.monotonic() + timeout, expire)
@@ -558,11 +557,8 @@ class RpcAgent:
             self._fail(call, RpcTimeoutError.after(timeout, f"call to {name}"))
 
     def _take(self, request_id: int) -> _Call | None:
-        call = self._calls.pop(request_id, None)
-        if call is not None and not call.internal:
-            with self._stats_lock:
-                self._outstanding -= 1
-        return call
+        """Remove a pending call (whoever takes it answers it); None if already taken."""
+        return self._calls.pop(request_id, None)
 
     def _fail(self, call: _Call, error: BaseException) -> None:
         if call.latch is not None:
@@ -931,8 +927,9 @@ class RpcAgent:
     # ------------------------------------------------------------------------ shutdown
     def work_counts(self) -> tuple[int, int, int]:
         """(user requests sent, user requests served, user work in progress here)."""
+        outstanding = sum(not call.internal for call in list(self._calls.values()))
         with self._stats_lock:
-            return self._requests_sent, self._requests_served, self._outstanding + self._serving
+            return self._requests_sent, self._requests_served, outstanding + self._serving
 
     def join(self, timeout: float | None) -> None:
         """Block until no worker has user work outstanding (the graceful-shutdown barrier).

@@ -277,7 +277,7 @@ class Dispatcher:
 
     def _drain(self) -> None:
         """Run queued work on this thread, in the slot it holds, until the queue is empty."""
-        while True:
+        while self._queue:  # (a racy peek; the lock decides)
             with self._cond:
                 if not self._queue or self._stopping:
                     return
@@ -320,19 +320,6 @@ class Dispatcher:
                 self._backlog.wait(period)
                 period = min(2 * period, _PATROL_MAX)
 
-    def _hold(self, transport: Transport) -> _Hold | None:
-        """Keep ``transport``'s doorbell quiet while this listener runs what it received."""
-        if not transport.cheap_poll:
-            return None
-        transport.spin_begin()
-        hold = _Hold(transport, time.monotonic())
-        with self._cond:
-            self._holds.add(hold)
-            if self._watcher_parked:
-                self._backlog.notify()
-        self._local.hold = hold
-        return hold
-
     def _release(self, hold: _Hold | None, handover: bool) -> None:
         """End ``hold`` (once, whoever gets here first); ``handover`` wakes a listener to
         poll what arrived while the doorbell was quiet."""
@@ -372,16 +359,7 @@ class Dispatcher:
             while not self._stopping:
                 transport.poll()  # also right after wait(): whoever woke handles the ring
                 if batch:
-                    hold = self._hold(transport)
-                    keep = False
-                    try:
-                        keep = self._run_received(transport, batch)
-                    finally:
-                        # Staying: the poll at the top of the loop sees what came meanwhile.
-                        # Leaving: someone else must look.
-                        self._release(hold, handover=not keep)
-                        local.hold = None
-                    if not keep:
+                    if not self._run_received(transport, batch):
                         return  # enough listeners without us: back to the pool
                 elif self._may_spin(transport):
                     self._spin_on(transport, batch)
@@ -419,33 +397,62 @@ class Dispatcher:
             transport.spin_end()
 
     def _run_received(self, transport: Transport, batch: list[Work]) -> bool:
-        """Run ``batch`` (and whatever else is queued) on this thread.
+        """Run ``batch`` (and whatever else is queued) on this thread, keeping the doorbell
+        quiet meanwhile (a hold, see the module docstring).
 
-        Returns whether this thread should keep listening.
+        Returns whether this thread should keep listening. Staying, the poll at the top of the
+        listen loop sees what came meanwhile; leaving, it wakes a listener to look.
         """
-        with self._cond:
+        hold = None
+        if transport.cheap_poll:
+            transport.spin_begin()
+            hold = _Hold(transport, time.monotonic())
+        cond = self._cond
+        with cond:
             if self._running >= self._max_running:
                 self._enqueue(batch)  # every worker is busy: queue, keep listening
-                return True
-            work = batch[0]
-            self._running += 1
-            self._busy[transport] += 1
-            self._enqueue(batch[1:])
-            batch.clear()
-            if self._listeners[transport] - self._busy[transport] < 1:
-                self._cond.notify()  # we were the last free listener: recruit one
+                work = None
+            else:
+                work = batch[0]
+                self._running += 1
+                self._busy[transport] += 1
+                self._enqueue(batch[1:])
+                batch.clear()
+                if self._listeners[transport] - self._busy[transport] < 1:
+                    cond.notify()  # we were the last free listener: recruit one
+                if hold is not None:
+                    self._holds.add(hold)
+                    if self._watcher_parked:
+                        self._backlog.notify()
+        if work is None:
+            if hold is not None:
+                hold.released = True
+                transport.spin_end()
+            return True
         local = self._local
         local.batch = None  # what the work itself receives goes to other threads
+        local.hold = hold
+        keep = False
         try:
             self._run_one(work)
             self._drain()
         finally:
             local.batch = batch
-            with self._cond:
+            local.hold = None
+            with cond:
                 self._running -= 1
                 self._busy[transport] -= 1
                 listeners, busy = self._listeners[transport], self._busy[transport]
-        return listeners <= _LISTENERS or listeners - busy <= 1
+                keep = listeners <= _LISTENERS or listeners - busy <= 1
+                ended = hold is not None and not hold.released
+                if hold is not None and ended:
+                    hold.released = True
+                    self._holds.discard(hold)
+            if ended:
+                transport.spin_end()
+                if not keep:
+                    transport.interrupt()
+        return keep
 
     def _enqueue(self, items: list[Work]) -> None:
         """Queue work for this or another thread to take (caller holds the lock)."""
