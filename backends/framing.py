@@ -26,10 +26,13 @@ __all__ = [
     "PREFIX",
     "Frame",
     "assemble",
+    "bare_message",
+    "bare_prefix",
     "check_frame",
     "check_lengths",
     "describe",
     "for_the_wire",
+    "is_bare",
     "small_message",
 ]
 
@@ -174,3 +177,28 @@ def small_message(
                 else torch.empty(0, dtype=torch.uint8)
             )
     return assemble(frame, meta, header, payload, buffers)
+
+
+# A *bare* message has no buffers: prefix, header and payload only. Most small calls are bare
+# (their tensors travel inline in the header's tensor table), so both transports read and write
+# them on a short path that builds no Frame and checks only what matters.
+
+
+def bare_prefix(header: bytes, payload: bytes | bytearray | memoryview) -> bytes:
+    """The prefix of a bare message."""
+    return PREFIX.pack(len(header) + len(payload), len(header), 0, len(payload))
+
+
+def is_bare(prefix: tuple[int, int, int, int], limit: int | None) -> bool:
+    """Whether ``prefix`` announces a well-formed bare message within ``limit``.
+
+    Anything else (buffers, a malformed or oversized frame) takes the general path, which
+    checks it in full (:func:`check_frame`).
+    """
+    body, header, count, payload = prefix
+    return not count and header + payload == body and (limit is None or body <= limit + 4096)
+
+
+def bare_message(body: bytes, header_size: int) -> Message:
+    """The message whose prefix said ``header_size`` and whose body is ``body``."""
+    return Message(body[:header_size], memoryview(body)[header_size:])

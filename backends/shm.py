@@ -49,10 +49,13 @@ from .framing import (
     PREFIX,
     Frame,
     assemble,
+    bare_message,
+    bare_prefix,
     check_frame,
     check_lengths,
     describe,
     for_the_wire,
+    is_bare,
     small_message,
 )
 from .ring import CONTROL_BYTES, Ring
@@ -417,11 +420,10 @@ class ShmTransport(Transport):
             raise channel.lost
         lock = channel.send_lock
         if not message.buffers and len(message.payload) <= _WHOLE:
-            # The small call: one frame in one piece (no buffers, so nothing on a device).
-            header, payload = message.header, message.payload
-            frame = PREFIX.pack(len(header) + len(payload), len(header), 0, len(payload))
-            frame += header
-            frame += payload
+            # Bare (no buffers, so nothing on a device) and small: written in one piece.
+            frame = bare_prefix(message.header, message.payload)
+            frame += message.header
+            frame += message.payload
             if not (lock.acquire() if timeout is None else lock.acquire(timeout=timeout)):
                 raise TimeoutError(f"shm: the channel to rank {peer} stayed busy for {timeout} s")
             try:
@@ -529,15 +531,11 @@ class ShmTransport(Transport):
     def _read(self, channel: _Channel) -> Message:
         ring = channel.inbox
         prefix = ring.unpack(PREFIX)
-        body, header_size, count, payload_size = prefix
-        total = PREFIX.size + body
-        if not count and total <= _WHOLE and header_size + payload_size == body:
-            # The small call, fully arrived: header and payload only.
-            limit = self._max_message
-            if ring.readable() >= total and (limit is None or total <= limit + 4096):
-                whole = ring.get(PREFIX.size, body)
-                ring.release(total)
-                return Message(whole[:header_size], memoryview(whole)[header_size:])
+        total = PREFIX.size + prefix[0]
+        if total <= _WHOLE and ring.readable() >= total and is_bare(prefix, self._max_message):
+            message = bare_message(ring.get(PREFIX.size, prefix[0]), prefix[1])
+            ring.release(total)
+            return message
         frame = Frame(prefix)
         check_frame(frame, self._max_message, f"shm: rank {channel.peer}")
         if frame.total <= _WHOLE and ring.readable() >= frame.total:

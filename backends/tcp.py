@@ -50,10 +50,13 @@ from .framing import (
     PREFIX,
     Frame,
     assemble,
+    bare_message,
+    bare_prefix,
     check_frame,
     check_lengths,
     describe,
     for_the_wire,
+    is_bare,
     small_message,
 )
 
@@ -328,10 +331,14 @@ class TcpTransport(Transport):
             raise PeerLostError(f"tcp: no connection to rank {peer}")
         if connection.lost is not None:
             raise connection.lost
-        message, codes = for_the_wire(message, ipc=False)  # CUDA buffers go staged
-        head, total = describe(message, codes)
-        views = [head, message.header, message.payload]
-        views += [memoryview(cast(Any, b.numpy())) for b in message.buffers if b.numel()]
+        if message.buffers:
+            message, codes = for_the_wire(message, ipc=False)  # CUDA buffers go staged
+            head, total = describe(message, codes)
+            views = [head, message.header, message.payload]
+            views += [memoryview(cast(Any, b.numpy())) for b in message.buffers if b.numel()]
+        else:  # bare: no buffers, so nothing on a device
+            views = [bare_prefix(message.header, message.payload), message.header, message.payload]
+            total = PREFIX.size + len(message.header) + len(message.payload)
         deadline = None if timeout is None else time.monotonic() + timeout
         lock = connection.send_lock
         while not lock.acquire(timeout=_SEND_SLICE if timeout is None else timeout):
@@ -498,9 +505,18 @@ class TcpTransport(Transport):
             start = connection.start
             if view[start : start + PREFIX.size] == _BYE:
                 raise PeerLostError(f"tcp peer rank {connection.peer} shut down")
-            frame = Frame(PREFIX.unpack_from(view, start))
-            check_frame(frame, self._max_message, f"tcp: rank {connection.peer}")
+            prefix = PREFIX.unpack_from(view, start)
             available = connection.end - start
+            body = prefix[0]
+            if PREFIX.size + body <= available and is_bare(prefix, self._max_message):
+                at = start + PREFIX.size
+                message = bare_message(bytes(view[at : at + body]), prefix[1])
+                connection.start = at + body
+                delivered += 1
+                self.host.deliver(connection.peer, message)
+                continue
+            frame = Frame(prefix)
+            check_frame(frame, self._max_message, f"tcp: rank {connection.peer}")
             if frame.total <= available:
                 meta_at = start + PREFIX.size
                 meta = bytes(
