@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
@@ -92,6 +93,12 @@ def init_rpc(
     ``backend`` is ``"shm"``, ``"tcp"``, ``"auto"`` (shm on this host, tcp elsewhere), a
     :class:`BackendType`, or the name of a backend registered under the ``shmrpc.backends``
     entry point group; ``None`` reads ``$SHMRPC_BACKEND`` and falls back to ``auto``.
+
+    ``rank`` and ``world_size`` not passed (``-1`` and ``None``) are read from ``$RANK`` and
+    ``$WORLD_SIZE`` when those are set, as torchrun sets them, so ``init_rpc(name)`` starts a
+    torchrun world (docs/torchrun.md). This is a deliberate difference from torch, whose
+    ``init_rpc(name)`` ignores them (it starts a dynamic group with rank -1, and fails). A
+    value that the ``init_method`` URL's query gives is not read from the environment.
     """
     global _default_timeout
     check_worker_name(name)
@@ -100,9 +107,13 @@ def init_rpc(
         rpc_backend_options = RpcBackendOptions()
     elif not isinstance(rpc_backend_options, RpcBackendOptions):
         raise TypeError("Argument rpc_backend_options must be an instance of RpcBackendOptions")
+    rank, world_size = _rank_and_world_size_from_env(
+        rank, world_size, rpc_backend_options.init_method
+    )
     if world_size is None:
         raise NotImplementedError(
-            "shmrpc needs a static world: pass world_size (dynamic groups are not supported yet)"
+            "shmrpc needs a static world: pass world_size or set $WORLD_SIZE (dynamic groups "
+            "are not supported yet)"
         )
     with _agent_lock:
         if _agent is not None:
@@ -111,6 +122,59 @@ def init_rpc(
         start_agent(
             name, rank, world_size, backend_name, rpc_backend_options, get_rpc_timeout, _publish
         )
+
+
+RANK_ENV_VAR = "RANK"
+WORLD_SIZE_ENV_VAR = "WORLD_SIZE"
+
+
+def _rank_and_world_size_from_env(
+    rank: int, world_size: int | None, init_method: str
+) -> tuple[int, int | None]:
+    """``rank`` and ``world_size``, each taken from the environment when not passed.
+
+    A value the ``init_method`` URL's query names stays there (torch's rendezvous refuses a
+    URL that has it twice). Values from the environment must be integers, the rank in
+    ``[0, world_size)``; anything else is a ValueError naming the variable.
+    """
+    query = urllib.parse.parse_qs(urllib.parse.urlparse(init_method).query)
+    rank_from_env = world_size_from_env = False
+    if rank == -1 and "rank" not in query:
+        value = _int_from_env(RANK_ENV_VAR, minimum=0)
+        if value is not None:
+            rank, rank_from_env = value, True
+    if world_size is None and "world_size" not in query:
+        world_size = _int_from_env(WORLD_SIZE_ENV_VAR, minimum=1)
+        world_size_from_env = world_size is not None
+    if world_size is not None and rank >= world_size:
+        if rank_from_env:
+            origin = f" (${WORLD_SIZE_ENV_VAR})" if world_size_from_env else ""
+            raise ValueError(
+                f"environment variable {RANK_ENV_VAR} must be below the world size "
+                f"{world_size}{origin}, got {rank}"
+            )
+        if world_size_from_env:
+            raise ValueError(
+                f"environment variable {WORLD_SIZE_ENV_VAR} must be above the rank {rank}, "
+                f"got {world_size}"
+            )
+    return rank, world_size
+
+
+def _int_from_env(var: str, minimum: int) -> int | None:
+    """The integer in ``$var`` (None when unset or empty); a ValueError names a bad one."""
+    text = os.environ.get(var, "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(
+            f"environment variable {var} must be an integer, got {os.environ[var]!r}"
+        ) from None
+    if value < minimum:
+        raise ValueError(f"environment variable {var} must be >= {minimum}, got {value}")
+    return value
 
 
 def _publish(world: World | None) -> None:

@@ -8,6 +8,7 @@ and write it, so everything exchanged here is JSON, never pickle.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
 from datetime import timedelta
@@ -18,6 +19,23 @@ import torch.distributed as dist
 from . import world_key
 
 __all__ = ["Rendezvous"]
+
+
+def _torchrun_attempt(world_size: int) -> str:
+    """A key prefix naming this attempt of a torchrun world, where torchrun names one.
+
+    torchrun's store (``TORCHELASTIC_USE_AGENT_STORE``) outlives the workers it restarts
+    (``--max-restarts``), keys of the failed attempt included; a worker that died before it
+    joined has left the ranks' join counts unequal, and the restarted workers would never meet.
+    ``TORCHELASTIC_RESTART_COUNT`` is counted by each node's agent, so it names an attempt of
+    the whole world only when one agent runs every worker: one node. Across nodes the counts
+    can differ (an agent whose workers did not fail restarts them without counting), and the
+    join counts alone must do.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "")
+    if restart and os.environ.get("LOCAL_WORLD_SIZE") == str(world_size):
+        return f"torchelastic-restart-{restart}/"
+    return ""
 
 
 class Rendezvous:
@@ -41,8 +59,9 @@ class Rendezvous:
         # store: the n-th join of each rank meets the n-th join of the others. Counting in the
         # store (not in the process, as torch does) keeps fresh stores working for processes
         # that joined other worlds before.
-        generation = store.add(f"shmrpc/joins/{self.rank}", 1)
-        self._store = dist.PrefixStore(f"shmrpc/{generation}/", store)
+        attempt = _torchrun_attempt(self.world_size)
+        generation = store.add(f"shmrpc/{attempt}joins/{self.rank}", 1)
+        self._store = dist.PrefixStore(f"shmrpc/{attempt}{generation}/", store)
         self._base_store = store  # the TCPStore server lives as long as this object on rank 0
         self._key_file: str | None = None
 
