@@ -490,8 +490,10 @@ def _unpack_table(
         at += 6 + 2 * ndim
         dtype = _dtype(code)
         if flags & _EMPTY:
-            where = torch.device("cpu") if device < 0 else torch.device("cuda", device)
-            t = torch.empty_strided(shape, stride, dtype=dtype, device=where)
+            if device < 0:
+                t = torch.empty_strided(shape, stride, dtype=dtype)
+            else:
+                t = torch.empty_strided(shape, stride, dtype=dtype, device=f"cuda:{device}")
         else:
             holder = buffers[ref] if ref >= 0 else inline[-1 - ref]
             # (Passing device= costs more than the rest together: only for GPU buffers.)

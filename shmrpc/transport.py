@@ -17,16 +17,16 @@ on the calling thread.
 from __future__ import annotations
 
 import abc
-import ctypes
 import dataclasses
 import importlib
 import importlib.metadata
-import sys
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
+
+from .buffers import allocate_buffer
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -174,47 +174,6 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release every resource (sockets, segments, semaphores). Idempotent."""
-
-
-# --------------------------------------------------------------------------------------------
-# Receive buffers
-
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-_HUGE_PAGE_MIN_BYTES = 4 << 20
-
-
-def _load_madvise() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return madvise
-
-
-_madvise = _load_madvise()
-
-
-def allocate_buffer(nbytes: int) -> torch.Tensor:
-    """A fresh CPU ``uint8`` tensor for receiving ``nbytes``.
-
-    Large fresh allocations are mmapped by glibc, and touching them page by page costs more
-    than the copy into them (26 ms vs 8.8 ms for 64 MiB here), so ask for transparent huge
-    pages before the first touch. The tensor is an ordinary, resizable torch tensor.
-    """
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    if _madvise is not None and nbytes >= _HUGE_PAGE_MIN_BYTES:
-        start = buf.data_ptr()
-        first = (start + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
-        last = (start + nbytes) & ~(_HUGE_PAGE - 1)
-        if last > first:
-            _madvise(first, last - first, _MADV_HUGEPAGE)  # advisory: failure is harmless
-    return buf
 
 
 # --------------------------------------------------------------------------------------------
