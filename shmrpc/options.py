@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,10 @@ class BackendType(enum.Enum):
 
 DeviceLike = int | str | torch.device
 
+#: Where the tcp transport listens, and the address peers dial, when the options do not say.
+LISTEN_ADDR_ENV_VAR = "SHMRPC_LISTEN_ADDR"
+ADVERTISE_ADDR_ENV_VAR = "SHMRPC_ADVERTISE_ADDR"
+
 
 def _device(d: DeviceLike) -> torch.device:
     dev = torch.device(d) if not isinstance(d, int) else torch.device("cuda", d)
@@ -43,8 +48,9 @@ class RpcBackendOptions:
 
     * ``ring_size`` (shm): bytes in each ring between two workers; larger messages stream
       through it in chunks, so it bounds memory, never message size.
-    * ``listen_addr`` / ``advertise_addr`` (tcp): where to listen (loopback unless told
-      otherwise) and the address peers should dial (defaults to ``listen_addr``).
+    * ``listen_addr`` / ``advertise_addr`` (tcp): where to listen and the address peers
+      should dial. Not given: ``$SHMRPC_LISTEN_ADDR`` / ``$SHMRPC_ADVERTISE_ADDR`` (so a
+      torchrun script spans hosts without a change), else loopback and ``listen_addr``.
     * ``host_id`` (auto/shm): identity of this host; workers with equal ids use shm with each
       other. Defaults to one derived from the kernel boot id and namespaces.
     * ``spin_us``: how long a waiting thread polls before it blocks (0 disables spinning).
@@ -65,7 +71,7 @@ class RpcBackendOptions:
         devices: list[DeviceLike] | None = None,
         *,
         ring_size: int = 4 << 20,
-        listen_addr: str = "127.0.0.1",
+        listen_addr: str | None = None,
         advertise_addr: str | None = None,
         host_id: str | None = None,
         spin_us: float = 250.0,
@@ -95,8 +101,8 @@ class RpcBackendOptions:
         if devices:
             self.set_devices(devices)
         self.ring_size = ring_size
-        self.listen_addr = listen_addr
-        self.advertise_addr = advertise_addr
+        self.listen_addr = listen_addr or os.environ.get(LISTEN_ADDR_ENV_VAR) or "127.0.0.1"
+        self.advertise_addr = advertise_addr or os.environ.get(ADVERTISE_ADDR_ENV_VAR) or None
         self.host_id = host_id
         self.spin_us = float(spin_us)
         self.max_message_size = max_message_size

@@ -396,3 +396,19 @@ def test_values_passed_or_in_the_url_win(clean_env):
     assert resolve(-1, None, "file:///tmp/x?rank=0&world_size=2") == (-1, None)
     clean_env.setenv("RANK", "")
     assert resolve(-1, None, "env://") == (-1, 4)
+
+
+def test_listen_and_advertise_addresses_come_from_the_environment(monkeypatch):
+    """A multi-node torchrun script needs no listen_addr in its code: the env says it."""
+    from shmrpc.options import RpcBackendOptions
+
+    monkeypatch.delenv("SHMRPC_LISTEN_ADDR", raising=False)
+    monkeypatch.delenv("SHMRPC_ADVERTISE_ADDR", raising=False)
+    plain = RpcBackendOptions()
+    assert (plain.listen_addr, plain.advertise_addr) == ("127.0.0.1", None)
+    monkeypatch.setenv("SHMRPC_LISTEN_ADDR", "0.0.0.0")
+    monkeypatch.setenv("SHMRPC_ADVERTISE_ADDR", "10.1.2.3")
+    from_env = RpcBackendOptions()
+    assert (from_env.listen_addr, from_env.advertise_addr) == ("0.0.0.0", "10.1.2.3")
+    given = RpcBackendOptions(listen_addr="127.0.0.2", advertise_addr="127.0.0.2")
+    assert (given.listen_addr, given.advertise_addr) == ("127.0.0.2", "127.0.0.2")
