@@ -361,6 +361,9 @@ def _out_of_band(buffer: pickle.PickleBuffer) -> bool:
 #: Table entry flags.
 _REQUIRES_GRAD = 1
 _EMPTY = 2  # no elements: nothing travels but the metadata
+#: The tensor is all of its inline storage, contiguous, and no other tensor of the message
+#: uses that storage (the usual small argument): the receiver builds it in one step.
+_SOLE = 4
 
 
 def _tensor_table(
@@ -393,6 +396,7 @@ def _tensor_table(
     where: dict[Any, tuple[int, int]] = {}  # storage key -> (storage ref, byte base)
     ranges: dict[Any, list[Any]] = {}  # storage key -> [lo, hi, storage], for blobs
     placed: list[tuple[Any, int, int] | None] = []  # (storage key, byte start, device code)
+    shared: set[Any] = set()  # inline storages that more than one tensor uses
     for t in tensors:
         if not t.numel():
             placed.append(None)
@@ -404,6 +408,7 @@ def _tensor_table(
             key: Any = storage.data_ptr()
             device = -1 if cpu_stays else _device_code(target_of(_CPU))
             if key in where:
+                shared.add(key)
                 placed.append((key, start, device))
                 continue
             if cpu_stays and key not in ranges:
@@ -452,6 +457,14 @@ def _tensor_table(
             key, start, device = spot
             ref, base = where[key]
             offset = start - base
+            if (
+                ref < 0
+                and not start
+                and key not in shared
+                and t.is_contiguous()
+                and t.numel() * t.element_size() == len(inline[-1 - ref])
+            ):
+                flags |= _SOLE
         shape = t.shape
         table += (ref, offset, _DTYPE_CODE[t.dtype], flags, device, len(shape))
         table += shape
@@ -474,12 +487,14 @@ def _unpack_table(
     n_ints = int.from_bytes(view[:8], "little", signed=True)
     ints = view[: n_ints * 8].cast("q").tolist()
     _, n_blobs, n_inline, n_tensors = ints[:4]
-    inline: list[torch.Tensor] = []
+    # Where each inline storage's bytes are; each becomes a private, writable copy (value
+    # semantics) when a tensor first needs it.
+    spans: list[tuple[int, int]] = []
     start = n_ints * 8
     for length in ints[4 : 4 + n_inline]:
-        # a private, writable copy (value semantics)
-        inline.append(torch.frombuffer(bytearray(view[start : start + length]), dtype=torch.uint8))
+        spans.append((start, start + length))
         start += length
+    inline: list[torch.Tensor | None] = [None] * n_inline
     at = 4 + n_inline
     tensors: list[torch.Tensor] = []
     requires_grad: list[bool] = []
@@ -489,13 +504,26 @@ def _unpack_table(
         stride = ints[at + 6 + ndim : at + 6 + 2 * ndim]
         at += 6 + 2 * ndim
         dtype = _dtype(code)
-        if flags & _EMPTY:
+        if flags & _SOLE:
+            lo, hi = spans[-1 - ref]
+            t = torch.frombuffer(bytearray(view[lo:hi]), dtype=dtype)
+            if ndim != 1:
+                t = t.view(shape)
+        elif flags & _EMPTY:
             if device < 0:
                 t = torch.empty_strided(shape, stride, dtype=dtype)
             else:
                 t = torch.empty_strided(shape, stride, dtype=dtype, device=f"cuda:{device}")
         else:
-            holder = buffers[ref] if ref >= 0 else inline[-1 - ref]
+            if ref >= 0:
+                holder = buffers[ref]
+            else:
+                found = inline[-1 - ref]
+                if found is None:
+                    lo, hi = spans[-1 - ref]
+                    found = torch.frombuffer(bytearray(view[lo:hi]), dtype=torch.uint8)
+                    inline[-1 - ref] = found
+                holder = found
             # (Passing device= costs more than the rest together: only for GPU buffers.)
             if holder.is_cpu:
                 t = torch.empty(0, dtype=dtype)

@@ -36,6 +36,40 @@ def test_small_tensors_travel_inline():
     assert not torch.equal(back, t)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.tensor(3.5),  # 0-d
+        lambda: torch.arange(6, dtype=torch.int16),
+        lambda: torch.randn(2, 3, 4),
+        lambda: torch.randn(3, 4).t(),  # not contiguous: the general path
+        lambda: torch.arange(10.0)[2:5],  # not at the start of its storage
+        lambda: torch.ones(4, dtype=torch.bool),
+    ],
+)
+def test_small_tensors_alone_on_their_storage_keep_everything(make):
+    """The one-step path for a tensor that is all of its inline storage, and the general
+    path next to it, agree: values, dtype, shape, strides, requires_grad, a private copy."""
+    t = make()
+    if t.is_floating_point():
+        t.requires_grad_(True)
+    back, _ = round_trip([t, 1])
+    back = back[0]
+    assert back.dtype == t.dtype and back.shape == t.shape and back.stride() == t.stride()
+    assert torch.equal(back.detach(), t.detach())
+    assert back.requires_grad == t.requires_grad
+    assert back.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+
+
+def test_two_tensors_on_one_small_storage_still_share_it():
+    base = torch.arange(8.0)
+    a, b = base.view(2, 4), base.view(8)  # both all of the storage, contiguous, offset 0
+    ra, rb = round_trip((a, b))[0]
+    assert ra.untyped_storage().data_ptr() == rb.untyped_storage().data_ptr()
+    ra[0, 0] = 42.0
+    assert rb[0] == 42.0
+
+
 @pytest.mark.parametrize("n", [64, 100_000])  # inline and out of band
 def test_views_strides_offsets_and_sharing(n):
     base = torch.arange(float(n))
