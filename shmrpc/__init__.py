@@ -35,6 +35,58 @@ def _map_backends_source_tree() -> None:
 _map_backends_source_tree()
 del _map_backends_source_tree
 
+
+def _configure_logging(var: str = "SHMRPC_LOG_LEVEL") -> None:
+    """Apply ``$SHMRPC_LOG_LEVEL`` to the "shmrpc" logger, through which every message of
+    shmrpc and its backends goes: a level name (DEBUG, INFO, WARNING, ERROR, CRITICAL) or a
+    number. A bad value: one warning, and the level stays as it was.
+
+    Below WARNING, a handler writes shmrpc's records to stderr for as long as the application
+    has configured no logging of its own (Python's last-resort handler shows WARNING and
+    above only); once the root logger has a handler, records reach that one instead.
+    """
+    import logging
+    import os
+    import sys
+
+    text = os.environ.get(var, "").strip()
+    if not text:
+        return
+    log = logging.getLogger(__name__)
+    level = logging.getLevelNamesMapping().get(text.upper())
+    if level is None:
+        try:
+            level = int(text)
+        except ValueError:
+            level = -1
+    if level < 0:
+        log.warning(
+            "shmrpc: ignoring %s=%r: not a level name (DEBUG, INFO, WARNING, ERROR, CRITICAL) "
+            "or a number",
+            var,
+            text,
+        )
+        return
+    log.setLevel(level)
+    if level < logging.WARNING:
+
+        class _StderrUntilConfigured(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if logging.getLogger().handlers:
+                    return  # the application's own handlers get it (propagation)
+                try:
+                    sys.stderr.write(self.format(record) + "\n")
+                except Exception:
+                    self.handleError(record)
+
+        handler = _StderrUntilConfigured()
+        handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+        log.addHandler(handler)
+
+
+_configure_logging()
+del _configure_logging
+
 from . import functions  # noqa: E402
 
 # torch.distributed.rpc exposes these private helpers, and its users' tests call them.
@@ -47,6 +99,7 @@ from .api import _set_rpc_timeout as _set_rpc_timeout  # noqa: E402
 from .api import _wait_all as _wait_all  # noqa: E402
 from .api import _wait_all_workers as _wait_all_workers  # noqa: E402
 from .api import (  # noqa: E402
+    get_debug_info,
     get_rpc_timeout,
     get_worker_info,
     init_rpc,
@@ -89,6 +142,7 @@ __all__ = [
     "TensorPipeRpcBackendOptions",
     "WorkerInfo",
     "functions",
+    "get_debug_info",
     "get_rpc_timeout",
     "get_worker_info",
     "init_rpc",

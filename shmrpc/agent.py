@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import itertools
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,8 +36,9 @@ from .errors import (
     describe_exception,
     rebuild_exception,
 )
+from .profiling import Span, callee_key, caller_key, to_here_key, torch_profiler
 from .serialization import Pickled, Received, Serializer
-from .transport import Message, Transport, allocate_buffer
+from .transport import Message, PeerShutDown, Transport, allocate_buffer
 from .worker_info import WorkerInfo
 
 __all__ = [
@@ -60,6 +60,10 @@ _MAX_EXTRA_SPIN = 0.002
 _INTERNAL = Flag.INTERNAL
 _NO_REPLY = Flag.NO_REPLY
 _REQUEST_ID_AT = 8  # byte offset of the request id in the envelope
+#: Requests recorded as profiler spans while a profiler runs (profiling.py): on the caller
+#: (rpc_sync/rpc_async, remote, to_here), and on the callee (the function's run).
+_CALLER_SPANS = frozenset({int(Kind.CALL), int(Kind.REMOTE_CALL), int(Kind.RREF_FETCH)})
+_CALLEE_SPANS = frozenset({int(Kind.CALL), int(Kind.REMOTE_CALL)})
 
 
 class Route(Protocol):
@@ -219,6 +223,23 @@ class CallFuture(torch.futures.Future[Any]):
         return super().wait()
 
 
+class _SpannedCallFuture(CallFuture):
+    """A CallFuture while a profiler runs: its span ends just before it completes, so the
+    span is closed by the time anyone waiting for the future wakes."""
+
+    def __init__(self, span: Span) -> None:
+        super().__init__()
+        self.span = span
+
+    def set_result(self, result: Any) -> None:
+        self.span.end()
+        super().set_result(result)
+
+    def set_exception(self, result: Any) -> None:
+        self.span.end()
+        super().set_exception(result)
+
+
 def _settled(call: _Call) -> None:
     """The call's future is about to complete: drop its links back (no polling, no cycle)."""
     if isinstance(call.future, CallFuture):
@@ -341,6 +362,16 @@ class RpcAgent:
         self._serving = 0  # user requests received and not yet answered
         self._serving_async = 0  # of those, waiting on an async_execution future
 
+        # Traffic per peer rank, for get_debug_info: counted in _transmit and deliver with
+        # plain increments and no lock. ``+=`` on a list item is not atomic across threads,
+        # so concurrent sends to one peer may undercount a little: fine for debug info, and
+        # it costs next to nothing per message.
+        peers = len(self._infos)
+        self._sent_messages = [0] * peers
+        self._sent_bytes = [0] * peers
+        self._received_messages = [0] * peers
+        self._received_bytes = [0] * peers
+
         self._gather_lock = threading.Lock()
         self._gather_sequence: dict[str, int] = {}
         self._gatherings: dict[str, _Gathering] = {}
@@ -352,6 +383,7 @@ class RpcAgent:
     # ------------------------------------------------------------------------ life cycle
     def start(self) -> None:
         self._dispatcher.start(self._transports)
+        logger.debug("shmrpc: %s started; routes: %s", self.worker_info, self.route_names())
 
     def stop(self) -> None:
         """Stop at once: fail what is outstanding, stop threads, release transports."""
@@ -370,6 +402,7 @@ class RpcAgent:
                 transport.close()
             except Exception:
                 logger.exception("shmrpc: closing transport %s failed", transport.name)
+        logger.debug("shmrpc: %s stopped", self.worker_info)
 
     def register_handler(self, kind: int, handler: Handler, *, internal: bool = False) -> None:
         """Serve requests of ``kind`` with ``handler(inbound, payload) -> reply value``.
@@ -431,9 +464,22 @@ class RpcAgent:
         return self.request_async(to, Kind.CALL, (func, args, kwargs), timeout)
 
     def request_sync(
-        self, to: WorkerInfo, kind: int, payload: Any, timeout: float, flags: int = 0
+        self,
+        to: WorkerInfo,
+        kind: int,
+        payload: Any,
+        timeout: float,
+        flags: int = 0,
+        *,
+        spanned: bool = False,
     ) -> Any:
-        """Send a request and block for its reply (``timeout`` 0: no limit)."""
+        """Send a request and block for its reply (``timeout`` 0: no limit).
+
+        ``spanned``: the call's profiler span is open already (profiling.py).
+        """
+        if torch_profiler._is_profiler_enabled and not spanned and kind in _CALLER_SPANS:
+            with Span(self._caller_key("sync", to, kind, payload)):
+                return self.request_sync(to, kind, payload, timeout, flags, spanned=True)
         call = self._start(to, kind, payload, timeout, flags, sync=True)
         reply = self._await(call, timeout, to, call.size / _CROSSING_RATE)
         if isinstance(reply, BaseException):
@@ -461,6 +507,8 @@ class RpcAgent:
         ``backward``: the request goes back along the path of one of ``to``'s requests
         (gradients), so its tensors take the inverse of ``to``'s device map, as a reply does.
         """
+        if torch_profiler._is_profiler_enabled and kind in _CALLER_SPANS:
+            return self._request_async_spanned(to, kind, payload, timeout, flags, quick, backward)
         try:
             call = self._start(
                 to, kind, payload, timeout, flags, sync=False, quick=quick, backward=backward
@@ -469,6 +517,47 @@ class RpcAgent:
             return failed_future(error)
         assert call.future is not None
         return call.future
+
+    def _request_async_spanned(
+        self,
+        to: WorkerInfo,
+        kind: int,
+        payload: Any,
+        timeout: float,
+        flags: int,
+        quick: bool,
+        backward: bool,
+    ) -> torch.futures.Future[Any]:
+        """request_async while a profiler runs: the call's span ends when its future
+        completes (profiling.py)."""
+        span = Span(self._caller_key("async", to, kind, payload))
+        try:
+            call = self._start(
+                to,
+                kind,
+                payload,
+                timeout,
+                flags,
+                sync=False,
+                quick=quick,
+                backward=backward,
+                span=span,
+            )
+        except (PeerLostError, RpcTimeoutError) as error:
+            span.end()
+            return failed_future(error)
+        except BaseException:
+            span.end()
+            raise
+        assert call.future is not None
+        return call.future
+
+    def _caller_key(self, mode: str, to: WorkerInfo, kind: int, payload: Any) -> str:
+        """The caller's span name of a request (mode: "sync" or "async")."""
+        me = self.worker_info.name
+        if kind == Kind.RREF_FETCH:
+            return to_here_key(me, to.name)
+        return caller_key("remote" if kind == Kind.REMOTE_CALL else mode, payload[0], me, to.name)
 
     def notify(self, to: WorkerInfo, kind: int, payload: Any) -> None:
         """Send a one-way internal message (no reply); raises if it cannot be sent."""
@@ -491,6 +580,7 @@ class RpcAgent:
         sync: bool,
         quick: bool = False,
         backward: bool = False,
+        span: Span | None = None,
     ) -> _Call:
         if self._stopped:
             raise RuntimeError(f"RPC agent of {self.worker_info} was shut down")
@@ -507,7 +597,7 @@ class RpcAgent:
             call.latch = threading.Lock()
             call.latch.acquire()
         else:
-            future = CallFuture()
+            future = CallFuture() if span is None else _SpannedCallFuture(span)
             future._agent, future._call = self, call
             call.future = future
         self._calls[call.request_id] = call
@@ -591,10 +681,22 @@ class RpcAgent:
                 "cannot carry CUDA tensors; move them to the CPU before sending"
             )
         route.send(rank, message, timeout if timeout > 0 else None)
+        size = len(header) + len(message.payload)
+        if message.buffers:
+            for buffer in message.buffers:  # (a loop: a generator costs 0.2 µs more)
+                size += buffer.numel()
+        self._sent_messages[rank] += 1  # (not atomic: see __init__)
+        self._sent_bytes[rank] += size
 
     def deliver(self, peer: int, message: Message) -> None:
         """Every incoming message passes here (TransportHost.deliver)."""
         header = message.header
+        size = len(header) + len(message.payload)
+        if message.buffers:
+            for buffer in message.buffers:  # (a loop: a generator costs 0.2 µs more)
+                size += buffer.numel()
+        self._received_messages[peer] += 1  # (not atomic: see __init__)
+        self._received_bytes[peer] += size
         if header[0] in _REPLY_KINDS:
             request_id = int.from_bytes(header[_REQUEST_ID_AT : HEADER_SIZE - 16], "little")
             pending = self._calls.get(request_id)
@@ -628,7 +730,9 @@ class RpcAgent:
                 return
             self._lost[peer] = error
         who = self._infos[peer]
-        logger.warning("shmrpc: %s lost %s: %s", self.worker_info, who, error)
+        # A peer that shut down deliberately is news, not trouble; one that crashed is.
+        level = logging.INFO if isinstance(error, PeerShutDown) else logging.WARNING
+        logger.log(level, "shmrpc: %s lost %s: %s", self.worker_info, who, error)
         for request_id, call in list(self._calls.items()):
             if call.peer == peer and self._take(request_id) is not None:
                 self._fail(call, PeerLostError(f"{who} is gone ({error}); the call failed"))
@@ -714,6 +818,8 @@ class RpcAgent:
 
     def _run(self, handler: Handler, inbound: Inbound, payload: Any, internal: bool) -> None:
         try:
+            if torch_profiler._is_profiler_enabled and inbound.envelope.kind in _CALLEE_SPANS:
+                handler = self._spanned(handler, inbound, payload)
             context_id = inbound.envelope.autograd_context
             if context_id == -1:
                 result = handler(inbound, payload)
@@ -732,6 +838,31 @@ class RpcAgent:
             )
             return
         self._finish(inbound, internal, value=result)
+
+    def _spanned(self, handler: Handler, inbound: Inbound, payload: Any) -> Handler:
+        """``handler`` within the callee's profiler span (profiling.py); an
+        ``@async_execution`` function's span lasts until its future completes."""
+        name = callee_key(
+            inbound.envelope.kind == Kind.REMOTE_CALL,
+            payload[0],
+            self._infos[inbound.peer].name,
+            self.worker_info.name,
+        )
+
+        def run(inbound: Inbound, payload: Any) -> Any:
+            span = Span(name)
+            try:
+                result = handler(inbound, payload)
+            except BaseException:
+                span.end()
+                raise
+            if isinstance(result, Later):
+                result.future.add_done_callback(lambda _: span.end())
+            else:
+                span.end()
+            return result
+
+        return run
 
     def _finish_later(
         self, inbound: Inbound, internal: bool, future: torch.futures.Future[Any]
@@ -787,7 +918,8 @@ class RpcAgent:
             return error.description
         if isinstance(error, Exception):
             remote = describe_exception(error, self.worker_info)
-            print(remote[2], file=sys.stderr)  # torch prints remote errors on the callee
+            # torch prints remote errors on the callee; shmrpc logs them there
+            logger.error("shmrpc: %s: a request failed: %s", self.worker_info.name, remote[2])
             return remote
         # SystemExit, KeyboardInterrupt in a UDF: report, keep the worker alive
         return ("builtins", "RuntimeError", f"{type(error).__name__}: {error}")
@@ -960,12 +1092,62 @@ class RpcAgent:
 
     # ------------------------------------------------------------------------------ debug
     def get_debug_info(self) -> dict[str, str]:
+        """The agent's state, every value a string (torch's shape).
+
+        torch's keys (its TensorPipe agent's): ``agent.thread_pool_size``,
+        ``agent.num_idle_threads``, ``agent.client_active_calls`` (requests sent here and not
+        yet answered), ``agent.server_active_calls`` (user requests received and not yet
+        answered), ``agent.server_active_async_calls`` (of those, waiting on an
+        ``@async_execution`` future).
+
+        shmrpc's, named so as not to clash with torch's:
+
+        * ``agent.requests_sent``, ``agent.requests_served``: user requests since init;
+        * ``agent.threads_running``, ``agent.work_queued``: work items running now (at most
+          the thread pool size) and waiting for a thread; ``agent.listener_threads``,
+          ``agent.listener_threads_busy``: threads polling the transports, and those of them
+          running what they received;
+        * per worker ``<name>`` (this one included: its calls to itself),
+          ``agent.peer.<name>.transport`` (``shm``, ``tcp``, or ``self``),
+          ``agent.peer.<name>.state`` (``up``, ``shut down``, or ``lost``),
+          ``agent.peer.<name>.messages_sent``, ``.bytes_sent``, ``.messages_received``,
+          ``.bytes_received`` (every message since init, engine messages included; bytes
+          are header, payload and tensor data), and ``agent.peer.<name>.pending_calls``
+          (requests to it not yet answered). Traffic counts may fall a little short under
+          concurrent sends (they are counted without a lock).
+        """
         with self._stats_lock:
             serving, serving_async = self._serving, self._serving_async
-        return {
+            sent, served = self._requests_sent, self._requests_served
+        usage = self._dispatcher.usage()
+        info = {
             "agent.thread_pool_size": str(self._dispatcher.thread_count),
             "agent.num_idle_threads": str(self._dispatcher.idle_threads()),
             "agent.client_active_calls": str(len(self._calls)),
             "agent.server_active_calls": str(serving),
             "agent.server_active_async_calls": str(serving_async),
+            "agent.requests_sent": str(sent),
+            "agent.requests_served": str(served),
+            "agent.threads_running": str(usage["running"]),
+            "agent.work_queued": str(usage["queued"]),
+            "agent.listener_threads": str(usage["listeners"]),
+            "agent.listener_threads_busy": str(usage["listeners_busy"]),
         }
+        pending = [0] * len(self._infos)
+        for call in list(self._calls.values()):
+            pending[call.peer] += 1
+        routes = self.route_names()
+        for worker in self._infos:
+            rank, prefix = worker.id, f"agent.peer.{worker.name}."
+            lost = self._lost.get(rank)
+            state = "up" if lost is None else "lost"
+            if isinstance(lost, PeerShutDown):
+                state = "shut down"
+            info[prefix + "transport"] = routes.get(worker.name, "none")
+            info[prefix + "state"] = state
+            info[prefix + "messages_sent"] = str(self._sent_messages[rank])
+            info[prefix + "bytes_sent"] = str(self._sent_bytes[rank])
+            info[prefix + "messages_received"] = str(self._received_messages[rank])
+            info[prefix + "bytes_received"] = str(self._received_bytes[rank])
+            info[prefix + "pending_calls"] = str(pending[rank])
+        return info

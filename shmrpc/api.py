@@ -30,6 +30,7 @@ from .rref import RRef
 from .worker_info import WorkerInfo, check_worker_name
 
 __all__ = [
+    "get_debug_info",
     "get_rpc_timeout",
     "get_worker_info",
     "init_rpc",
@@ -381,10 +382,47 @@ def _get_current_rpc_agent() -> RpcAgent:
     return _current_agent()
 
 
-def _get_debug_info() -> dict[str, str]:
+@_require_initialized
+def get_debug_info() -> dict[str, str]:
+    """This worker's RPC state, as torch's ``_get_debug_info``: a dict of str to str.
+
+    torch's keys, as torch names them:
+
+    * the agent's: ``agent.thread_pool_size``, ``agent.num_idle_threads``,
+      ``agent.client_active_calls``, ``agent.server_active_calls``,
+      ``agent.server_active_async_calls``;
+    * the RRef context's: ``num_owner_rrefs`` (values owned here that some worker
+      references), ``num_forks`` (references to them that their owner counts),
+      ``num_pending_users`` (user RRefs here that their owner has not confirmed yet),
+      ``num_pending_futures`` (RRef control messages waiting for an answer);
+    * distributed autograd's: ``num_autograd_contexts``, ``num_current_backward_passes``.
+
+    shmrpc's own:
+
+    * ``agent.requests_sent``, ``agent.requests_served``: user requests since init;
+    * the thread pool: ``agent.threads_running`` (work items running, at most
+      ``agent.thread_pool_size``), ``agent.work_queued`` (waiting for a thread),
+      ``agent.listener_threads`` (threads polling the transports) and
+      ``agent.listener_threads_busy`` (of those, running what they received);
+    * per worker ``<name>`` of the world (this one too: calls to itself),
+      ``agent.peer.<name>.transport`` (``shm``, ``tcp``, or ``self``),
+      ``agent.peer.<name>.state`` (``up``, ``shut down``, or ``lost``),
+      ``agent.peer.<name>.messages_sent``, ``.bytes_sent``, ``.messages_received``,
+      ``.bytes_received`` (all messages since init, the engine's own included; bytes count
+      header, payload and tensor data; concurrent sends may be undercounted slightly), and
+      ``agent.peer.<name>.pending_calls`` (requests to it not yet answered);
+    * RRefs: ``num_user_rrefs`` (confirmed user RRefs alive here), ``num_pending_children``
+      (user RRefs passed on whose new holders the owner has not confirmed yet),
+      ``num_pending_deletions`` (user RRefs freed here whose owners have not been told yet).
+    """
     assert _world is not None
     return {
         **_world.agent.get_debug_info(),
         **_world.rrefs.debug_info(),
         **_world.autograd.debug_info(),
     }
+
+
+def _get_debug_info() -> dict[str, str]:
+    """torch's private name for :func:`get_debug_info`."""
+    return get_debug_info()

@@ -152,6 +152,18 @@ class Dispatcher:
     def idle_threads(self) -> int:
         return self._max_running - self._running
 
+    def usage(self) -> dict[str, int]:
+        """What the threads do right now (for debug info): work items running (at most
+        ``thread_count``), work items queued, listener threads, and those of them running work.
+        """
+        with self._cond:
+            return {
+                "running": self._running,
+                "queued": len(self._queue),
+                "listeners": sum(self._listeners.values()),
+                "listeners_busy": sum(self._busy.values()),
+            }
+
     # ------------------------------------------------------------------------------- intake
     def submit(self, fn: Callable[..., None], *args: Any, request: bool = False) -> None:
         """Run ``fn(*args)`` on a pool thread (a listener collects it into its batch).

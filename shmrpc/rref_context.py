@@ -33,7 +33,6 @@ import functools
 import itertools
 import logging
 import queue
-import sys
 import threading
 import time
 import weakref
@@ -502,7 +501,10 @@ class RRefContext:
         if not isinstance(error, Exception):  # SystemExit and friends: reported as RuntimeError
             error = RuntimeError(f"{type(error).__name__}: {error}")
         description = describe_exception(error, self._agent.worker_info)
-        print(description[2], file=sys.stderr)  # as for any failing remote function
+        # as for any failing remote function (agent._describe): torch printed it on the owner
+        logger.error(
+            "shmrpc: %s: a remote() call failed: %s", self._agent.worker_info.name, description[2]
+        )
         state.set_error(error, description)
 
     def _serve_fetch(self, inbound: Inbound, rref_id: GloballyUniqueId) -> Any:
@@ -719,6 +721,8 @@ class RRefContext:
                 "num_pending_futures": str(self._pending_control),
                 "num_pending_users": str(len(self._pending_users)),
                 "num_forks": str(sum(len(forks) for forks in self._forks.values())),
+                # not in torch: confirmed user RRefs here that Python has not freed
+                "num_user_rrefs": str(sum(ref() is not None for ref in self._confirmed.values())),
                 # not in torch: user RRefs forked from here whose children are not confirmed
                 "num_pending_children": str(len(self._pending_children)),
                 # not in torch: user RRefs freed here whose owners have not been told yet

@@ -32,6 +32,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "Message",
     "PeerLostError",
+    "PeerShutDown",
     "Transport",
     "TransportConfig",
     "TransportError",
@@ -50,6 +51,10 @@ class TransportError(RuntimeError):
 
 class PeerLostError(TransportError, ConnectionError):
     """The peer process is gone, or its channel broke; nothing more can reach it."""
+
+
+class PeerShutDown(PeerLostError):
+    """The peer is gone because it shut down deliberately (it said goodbye), not a crash."""
 
 
 class Message(NamedTuple):

@@ -14,12 +14,14 @@ hangs on gradients that do not come): docs/autograd.md.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
 from ..errors import DescribedError, rebuild_exception
 from ..functions import async_execution
+from ..profiling import BACKWARD_KEY, Span, torch_profiler
 from .context import NOT_INITIALIZED, DistAutogradContext
 from .engine import DistAutograd
 
@@ -77,8 +79,9 @@ def backward(context_id: int, roots: list[torch.Tensor], retain_graph: bool = Fa
             "backward(): incompatible function arguments. context_id must be an int, "
             f"got {type(context_id).__name__}"
         )
-    future = _current_engine().backward(context_id, roots, retain_graph)
-    _wait(future)
+    span = Span(BACKWARD_KEY) if torch_profiler._is_profiler_enabled else nullcontext()
+    with span:  # torch's profiler span for the whole pass
+        _wait(_current_engine().backward(context_id, roots, retain_graph))
 
 
 def get_gradients(context_id: int) -> dict[torch.Tensor, torch.Tensor]:

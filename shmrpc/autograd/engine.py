@@ -32,6 +32,7 @@ import torch
 from ..agent import Inbound, Later, Messenger, failed_future
 from ..envelope import Flag, Kind
 from ..errors import DescribedError, RemoteError
+from ..profiling import BACKWARD_PIECE_KEY, Span, torch_profiler
 from ..worker_info import WorkerInfo
 from .context import ContextContainer, DistAutogradContext, RecvRecord
 from .recording import AutogradGate
@@ -118,9 +119,14 @@ class DistAutograd:
         outputs: list[torch.Tensor],
         grads: Sequence[torch.Tensor | None],
     ) -> torch.futures.Future[None]:
-        """Run this worker's part from ``outputs``, then pass gradients on to the senders."""
+        """Run this worker's part from ``outputs``, then pass gradients on to the senders.
+
+        While a profiler runs, the part (the local pass and sending its gradients on) is a
+        span named ``dist_autograd_backward``.
+        """
         with self._passes_lock:
             self._passes += 1
+        span = Span(BACKWARD_PIECE_KEY) if torch_profiler._is_profiler_enabled else None
         futures: list[torch.futures.Future[Any]] = []
         try:
             for record, record_grads in _local_pass(context, outputs, grads):
@@ -136,6 +142,9 @@ class DistAutograd:
                 )
         except Exception as error:  # what was sent already still completes: wait for it too
             futures.append(failed_future(self._on_this_node(error)))
+        finally:
+            if span is not None:
+                span.end()
         done = _when_all(futures)
         done.add_done_callback(self._pass_ended)
         return done
