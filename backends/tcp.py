@@ -32,6 +32,7 @@ import torch
 from shmrpc.transport import (
     Message,
     PeerLostError,
+    PeerShutDown,
     Transport,
     TransportConfig,
     TransportError,
@@ -435,6 +436,11 @@ class TcpTransport(Transport):
                     self._epoll.modify(fd, events)
 
     def poll(self) -> int:
+        # A thread woken by epoll that finds another thread reading returns 0 and waits
+        # again. Unlike shm's doorbell (a semaphore, consumed by the wake-up), the listeners'
+        # epoll set is level-triggered: a connection whose bytes the reader has not taken is
+        # reported again by the next wait, so no wake-up is lost and poll needs no "look
+        # again" flag (tests/test_shm_streaming.py checks this).
         if not self._read_lock.acquire(blocking=False):
             return 0
         try:
@@ -504,7 +510,7 @@ class TcpTransport(Transport):
         while connection.end - connection.start >= PREFIX.size:
             start = connection.start
             if view[start : start + PREFIX.size] == _BYE:
-                raise PeerLostError(f"tcp peer rank {connection.peer} shut down")
+                raise PeerShutDown(f"tcp peer rank {connection.peer} shut down")
             prefix = PREFIX.unpack_from(view, start)
             available = connection.end - start
             body = prefix[0]

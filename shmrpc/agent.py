@@ -1022,7 +1022,9 @@ class RpcAgent:
         self, gathering: _Gathering, timeout: float | None, leader: str | None
     ) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not gathering.done.wait(
+        # peer_lost wakes gatherings that exist when the loss is noticed; one that starts
+        # later (a shutdown after a peer died) sees the loss here, within one slice.
+        while not self._gathering_lost(gathering) and not gathering.done.wait(
             0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic()))
         ):
             if deadline is not None and time.monotonic() >= deadline:
@@ -1035,6 +1037,14 @@ class RpcAgent:
         )
         if lost and not (leader is None and gathering.names <= set(gathering.objects)):
             raise PeerLostError(f"_all_gather cannot complete: {lost} are gone")
+
+    def _gathering_lost(self, gathering: _Gathering) -> bool:
+        """Whether a worker that has not arrived in ``gathering`` is lost."""
+        return any(
+            i.id in self._lost and i.name not in gathering.objects
+            for i in self._infos
+            if i.name in gathering.names
+        )
 
     def _arrive(self, sequence_id: str, name: str, obj: Any, names: frozenset[str]) -> None:
         with self._gather_lock:

@@ -2,7 +2,11 @@
 
 For each peer the first transport of the backend's preference list that reaches it carries
 its traffic (``auto``: shm on the same host, tcp elsewhere); both ends decide alike from the
-addresses they exchanged. Anything that fails on the way releases what was already set up.
+addresses they exchanged. A transport that cannot work in this process (shm without a usable
+/dev/shm) publishes an address with ``"unavailable": reason``, which reaches nobody: with a
+fallback in the list (``auto``) the worker warns once and its peers take the next transport;
+without one, init fails on every rank with that reason. Anything that fails on the way
+releases what was already set up.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -103,6 +108,7 @@ def start_agent(
         for cls in classes:
             transports.append(cls(config, host))
         addresses = {t.name: t.listen() for t in transports}
+        _warn_unavailable(backend, transports, addresses)
         devices = local_device_record(options.device_maps, options.devices)
         records = rendezvous.exchange(
             {"name": name, "pid": os.getpid(), "transports": addresses, "devices": devices}
@@ -192,9 +198,46 @@ def _choose_routes(
                 routes[peer] = t
                 break
         else:
+            # (transport, why it cannot work) -> the workers it cannot work on
+            reasons: dict[tuple[str, str], list[str]] = {}
+            for t in transports:
+                for who, address in (
+                    ("this worker", addresses[t.name]),
+                    (record["name"], theirs.get(t.name) or {}),
+                ):
+                    if "unavailable" in address:
+                        reasons.setdefault((t.name, address["unavailable"]), []).append(who)
             raise RuntimeError(
                 f"backend {backend!r} cannot reach worker {record['name']} (rank {peer}): none "
                 f"of its transports {[t.name for t in transports]} connects these two workers; "
-                "workers on different hosts need 'tcp' or 'auto'"
+                + (
+                    "; ".join(
+                        f"{name} is unavailable on {' and '.join(who)}: {why}"
+                        for (name, why), who in reasons.items()
+                    )
+                    or "workers on different hosts need 'tcp' or 'auto'"
+                )
             )
     return routes
+
+
+def _warn_unavailable(
+    backend: str, transports: list[Transport], addresses: dict[str, dict[str, Any]]
+) -> None:
+    """Warn once per transport that cannot work here while others can (``auto`` without a
+    usable /dev/shm): its peers on this host are reached by the next one, more slowly."""
+    unavailable = {
+        t.name: addresses[t.name]["unavailable"]
+        for t in transports
+        if "unavailable" in addresses[t.name]
+    }
+    others = [t.name for t in transports if t.name not in unavailable]
+    if not others:
+        return  # nothing to fall back on: route choice fails with the reason
+    for name, reason in unavailable.items():
+        warnings.warn(
+            f"shmrpc: transport {name!r} is unavailable on this worker, so backend {backend!r} "
+            f"reaches the peers it would have carried with {others[0]!r}: {reason}",
+            RuntimeWarning,
+            stacklevel=4,  # the caller of init_rpc
+        )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import threading
 import time
 
 import pytest
@@ -64,18 +63,12 @@ def wire_bytes(draw):
 
 
 def _drain(transport, until, seconds=10.0):
+    """Poll until ``until()`` or ``seconds`` pass. A poll never waits for the rest of a
+    message (both transports keep per-channel receive state), so one thread does it all."""
     deadline = time.monotonic() + seconds
     while not until() and time.monotonic() < deadline:
         transport.poll()
         time.sleep(0.0005)
-
-
-def _polling(transport, until):
-    """Poll on a thread of its own, as a listener does (shm may wait inside poll for the rest
-    of a message whose start it has seen, until the peer sends it or is gone)."""
-    thread = threading.Thread(target=_drain, args=(transport, until, 15.0))
-    thread.start()
-    return thread
 
 
 @pytest.mark.parametrize("cls", [ShmTransport, TcpTransport])
@@ -87,22 +80,17 @@ def test_what_a_peer_puts_on_the_wire_ends_cleanly(cls, case):
     try:
         assert not _connect(transports, addresses)
         host = hosts[1]
+        _inject(transports[0], raw)
         if kind == "good":
-            receiver = _polling(transports[1], lambda: host.messages or host.lost)
-            _inject(transports[0], raw)
-            receiver.join(20)
-            assert not receiver.is_alive(), "the receiver is stuck"
+            _drain(transports[1], lambda: host.messages or host.lost)
             assert not host.lost and len(host.messages) == 1, (host.lost, host.messages)
             return
-        receiver = _polling(transports[1], lambda: host.lost)
-        _inject(transports[0], raw)
-        time.sleep(0.05)  # a short frame waits for more
+        _drain(transports[1], lambda: host.lost, 0.05)  # a short frame waits for more
         if kind == "truncated":
             assert not host.messages, "part of a frame was delivered as a message"
         # incomplete or inconsistent: once the sender is gone, the channel must end
         transports[0].close()
-        receiver.join(20)
-        assert not receiver.is_alive(), "the receiver is stuck"
+        _drain(transports[1], lambda: host.lost)
         assert host.lost, "the receiver never gave up on a broken stream"
         assert all(isinstance(error, ConnectionError) for _, error in host.lost)
     finally:
@@ -116,12 +104,10 @@ def test_a_slow_sender_byte_by_byte_is_read_intact(cls):
     try:
         assert not _connect(transports, addresses)
         raw = _frame(b"header", b"payload" * 20, [bytes(range(256)) * 4, b"x" * 99])
-        receiver = _polling(transports[1], lambda: hosts[1].messages)
-        for i in range(len(raw)):
+        for i in range(len(raw)):  # a byte, then a poll that takes it and returns
             _inject(transports[0], raw[i : i + 1])
-            time.sleep(0.00005)
-        receiver.join(20)
-        assert not receiver.is_alive(), "the receiver is stuck"
+            transports[1].poll()
+        _drain(transports[1], lambda: hosts[1].messages)
         ((peer, message),) = hosts[1].messages
         assert peer == 0 and message.header == b"header"
         assert bytes(message.payload) == b"payload" * 20

@@ -250,6 +250,39 @@ def test_killed_peer(backend):
     assert shmrpc_names_in_dev_shm() == []
 
 
+def _shutdown_after_the_only_peer_died(rank, backend, init_method):
+    init(rank, 2, backend, init_method, rpc_timeout=60)
+    if rank == 1:
+        time.sleep(30)  # killed by worker0's call before this ends
+        return None
+    try:
+        rpc.rpc_sync("worker1", die_after, (0.1,))
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("a call to a dying worker did not fail")
+    start = time.monotonic()
+    try:
+        rpc.shutdown()  # graceful, default timeout (none): the gathering must see the loss
+    except RuntimeError as e:
+        assert "worker1" in str(e) or "gone" in str(e), str(e)
+        assert time.monotonic() - start < 10, "noticed the loss, but only after a long wait"
+        return "shutdown failed cleanly"
+    return "shutdown succeeded"
+
+
+def test_graceful_shutdown_after_the_peer_died_does_not_hang(backend):
+    """The peer was lost before shutdown() began, so no gathering existed to be woken."""
+    results = run_world(
+        _shutdown_after_the_only_peer_died,
+        2,
+        (backend, new_init_method()),
+        expect_exit=[1],
+        timeout=60,
+    )
+    assert results[0] == "shutdown failed cleanly"
+
+
 @pytest.mark.parametrize("victim", [0, 1])
 def test_peer_killed_during_init_leaves_nothing(backend, victim):
     """A worker that dies during rendezvous: the others fail init cleanly, nothing leaks."""

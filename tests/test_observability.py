@@ -7,7 +7,6 @@ of their own in a subprocess, to see exactly what a run writes to stdout and std
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -17,7 +16,6 @@ import threading
 import time
 from typing import Any
 
-import pytest
 import torch
 
 import shmrpc as rpc
@@ -447,18 +445,6 @@ def _run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _backends_report_shutdowns() -> bool:
-    """Whether the transports raise PeerShutDown for a peer that shut down deliberately
-    (until they do, the agent logs that at WARNING, which a normal shutdown may show)."""
-    modules = [importlib.import_module(f"shmrpc.backends.{name}") for name in ("shm", "tcp")]
-    return all(hasattr(module, "PeerShutDown") for module in modules)
-
-
-@pytest.mark.xfail(
-    not _backends_report_shutdowns(),
-    reason="backends/shm.py and tcp.py do not raise PeerShutDown yet",
-    strict=False,
-)
 def test_normal_run_is_quiet(backend):
     code = f"from tests.test_observability import small_world; small_world({backend!r})"
     quiet = _run_python(code)
