@@ -37,6 +37,8 @@ __all__ = [
 ]
 
 PREFIX = struct.Struct("<QIIQ")
+#: What a frame may carry beyond ``max_message_size``: the envelope and tensor table.
+_LIMIT_SLACK = 4096
 _PLACED = 1 << 31  # buffer count flag: device codes follow the lengths
 _HOST = -1
 
@@ -74,7 +76,7 @@ def check_frame(frame: Frame, limit: int | None, who: str) -> None:
     """Refuse a prefix before anything is allocated for it: larger than ``limit`` (plus room
     for the envelope), or parts that do not fit in the length it claims. The channel cannot
     go on after a bad frame (the stream is out of step), so the peer is lost."""
-    if limit is not None and frame.total > limit + 4096:
+    if limit is not None and frame.total > limit + _LIMIT_SLACK:
         raise PeerLostError(f"{who} sent a {frame.total}-byte message, over the limit")
     if frame.lengths_size + frame.header + frame.payload > frame.body:
         raise PeerLostError(f"{who} sent a malformed frame: its parts exceed its length")
@@ -196,7 +198,8 @@ def is_bare(prefix: tuple[int, int, int, int], limit: int | None) -> bool:
     checks it in full (:func:`check_frame`).
     """
     body, header, count, payload = prefix
-    return not count and header + payload == body and (limit is None or body <= limit + 4096)
+    within = limit is None or body <= limit + _LIMIT_SLACK
+    return not count and header + payload == body and within
 
 
 def bare_message(body: bytes, header_size: int) -> Message:
