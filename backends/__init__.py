@@ -1,6 +1,6 @@
 """The wires: transports that carry shmrpc's messages (installed as ``shmrpc.backends``).
 
-Each backend implements :class:`shmrpc.transport.Transport` and imports nothing else of the
+Each backend implements `shmrpc.transport.Transport` and imports nothing else of the
 engine. They register under the ``shmrpc.backends`` entry point group, exactly as a
 third-party backend would:
 

@@ -195,7 +195,7 @@ def is_bare(prefix: tuple[int, int, int, int], limit: int | None) -> bool:
     """Whether ``prefix`` announces a well-formed bare message within ``limit``.
 
     Anything else (buffers, a malformed or oversized frame) takes the general path, which
-    checks it in full (:func:`check_frame`).
+    checks it in full (`check_frame`).
     """
     body, header, count, payload = prefix
     within = limit is None or body <= limit + _LIMIT_SLACK

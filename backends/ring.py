@@ -11,16 +11,16 @@ copies data out, then stores ``tail``; the producer loads ``tail`` before it ove
 the consumer released. Each step is a separate C call (memoryview/numpy), so program order
 is kept at the compiler level; what remains is the CPU:
 
-* x86 (:data:`TSO`): stores become visible in program order, loads are not reordered with
+* x86 (`TSO`): stores become visible in program order, loads are not reordered with
   older loads, and stores not with older loads; the one reordering it allows (a load ahead
   of an older store) does not matter to these four steps, so they need no barrier. The
   ring's methods are plain loads and stores; this is the path that runs on x86-64.
 * Elsewhere (ARM, POWER, RISC-V: weakly ordered), each ring gets fenced methods at
   construction: a barrier between the data copy and the store of ``head`` (release, in
-  :meth:`Ring.commit`), between the load of ``head`` and the copy out (acquire, in
-  :meth:`Ring.readable` when it finds data), between the copy out and the store of ``tail``
-  (in :meth:`Ring.release`), and between the load of ``tail`` and the copy in (in
-  :meth:`Ring.writable`). Python has no fence instruction; :func:`ordering_fence` takes and
+  `Ring.commit`), between the load of ``head`` and the copy out (acquire, in
+  `Ring.readable` when it finds data), between the copy out and the store of ``tail``
+  (in `Ring.release`), and between the load of ``tail`` and the copy in (in
+  `Ring.writable`). Python has no fence instruction; `ordering_fence` takes and
   drops a lock twice, so that a release (the first unlock) is followed in program order by an
   acquire (the second lock): on ARMv8 a store-release followed by a load-acquire is not
   reordered, and POWER's release is an ``lwsync``, so nothing before the fence is reordered

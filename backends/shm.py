@@ -1,6 +1,6 @@
 """shm: workers on one host talk through rings in shared memory.
 
-* Per ordered pair of workers one :class:`Ring` in a memfd object (``memfd_create``: shared
+* Per ordered pair of workers one `Ring` in a memfd object (``memfd_create``: shared
   memory with no name anywhere), created by its reader and handed to the writer as a file
   descriptor over the pair's Unix socket (``SCM_RIGHTS``). The kernel frees it when both
   sides have unmapped it, however they end, and it lives in the kernel's internal shmem
@@ -26,7 +26,7 @@ first handshake needs it and unlinked as soon as every peer has opened it, at th
 ``connect``: it exists for milliseconds during init, and a running world has no name in
 /dev/shm (``listen`` also creates and at once unlinks a probe semaphore, to check /dev/shm).
 A worker killed inside that window leaves the name behind until someone unlinks it: its peers
-do when they see it die in a handshake or on its channel, and :func:`sweep_dead_names` (run by
+do when they see it die in a handshake or on its channel, and `sweep_dead_names` (run by
 every ``listen`` and ``close``, so by the peers when their init fails) unlinks names whose
 creator is dead. The sweep judges only names made in its own PID namespace: a PID from another
 one (a container sharing /dev/shm through ``--ipc=host``) means nothing here.
@@ -225,7 +225,7 @@ def _close_all(fds: Sequence[int]) -> None:
 
 
 def _recv_json(sock: socket.socket, nfds: int = 0) -> tuple[dict[str, Any], list[int]]:
-    """A message of :func:`_send_json` and exactly ``nfds`` descriptors (the caller's)."""
+    """A message of `_send_json` and exactly ``nfds`` descriptors (the caller's)."""
     fds: list[int] = []
     try:
         if nfds:

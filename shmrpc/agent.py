@@ -1,12 +1,12 @@
 """The RPC agent: sends requests, runs incoming ones, and matches replies to their callers.
 
-Every message leaves through :meth:`RpcAgent._transmit` and arrives through
-:meth:`RpcAgent.deliver`. Between pickling and sending, and between unpacking a message's
-tensors and unpickling it, each message passes the agent's :class:`MessageGate` with all of its
+Every message leaves through `RpcAgent._transmit` and arrives through
+`RpcAgent.deliver`. Between pickling and sending, and between unpacking a message's
+tensors and unpickling it, each message passes the agent's `MessageGate` with all of its
 tensors: distributed autograd records its send/recv functions there. Device maps apply as a
 message is pickled: the serializer asks the peer's placement (``devices.py``) where each tensor
 lands. Whoever serves a kind of request (the agent itself for calls and all-gathers, the RRef
-context for its protocol) registers a handler with :meth:`RpcAgent.register_handler`.
+context for its protocol) registers a handler with `RpcAgent.register_handler`.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def init_rpc(
     """Start this process's RPC agent and wait until every worker of the world has started.
 
     ``backend`` is ``"shm"``, ``"tcp"``, ``"auto"`` (shm on this host, tcp elsewhere), a
-    :class:`BackendType`, or the name of a backend registered under the ``shmrpc.backends``
+    `BackendType`, or the name of a backend registered under the ``shmrpc.backends``
     entry point group; ``None`` reads ``$SHMRPC_BACKEND`` and falls back to ``auto``.
 
     ``rank`` and ``world_size`` not passed (``-1`` and ``None``) are read from ``$RANK`` and
@@ -424,5 +424,5 @@ def get_debug_info() -> dict[str, str]:
 
 
 def _get_debug_info() -> dict[str, str]:
-    """torch's private name for :func:`get_debug_info`."""
+    """torch's private name for `get_debug_info`."""
     return get_debug_info()

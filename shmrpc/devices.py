@@ -3,7 +3,7 @@
 A worker's ``device_maps[peer]`` maps its devices to ``peer``'s for the tensors of its
 requests; replies travel back through the inverse of the *caller's* map. Every worker learns
 every map at init (they travel in the rendezvous records, as JSON), checks them all with
-torch's rules and texts, and builds one :class:`Placement` per peer and direction: the function
+torch's rules and texts, and builds one `Placement` per peer and direction: the function
 the serializer asks where each tensor goes. A CUDA tensor with nowhere to go fails with torch's
 error before anything is sent. CPU tensors stay on the CPU unless a map has a ``cpu`` key.
 """

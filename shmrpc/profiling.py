@@ -18,7 +18,7 @@ torch's names (``torch.distributed.rpc.internal._build_rpc_profiling_key``):
 ``f`` is named as torch named it: ``aten::add`` for a builtin operator, ``__qualname__`` for
 anything else.
 
-Cost when no profiler runs: the call sites test :data:`torch_profiler`'s
+Cost when no profiler runs: the call sites test `torch_profiler`'s
 ``_is_profiler_enabled`` (a module attribute: a few nanoseconds) before anything else here runs.
 That flag is set for the whole process while any ``torch.profiler.profile`` or
 ``torch.autograd.profiler.profile`` is active. torch's profiler records only the threads it

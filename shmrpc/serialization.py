@@ -10,12 +10,12 @@ all survive, and a small view of a huge tensor does not drag the whole storage a
 Protocol-5 out-of-band buffers (numpy arrays, for instance) ride along the same way.
 
 Every tensor of a message, however small, gets an entry in the *tensor table*, and the
-receiver builds them all before it unpickles anything (:meth:`Serializer.unpack`). That is the
+receiver builds them all before it unpickles anything (`Serializer.unpack`). That is the
 agent's gate: between ``unpack`` and ``load`` it sees each tensor of a message and may replace it
 (distributed autograd attaches its recv function there). Storages up to 8 KiB travel inside the
 table instead of as a buffer of their own.
 
-Extra types (RRefs) plug in with :meth:`Serializer.register`: their reducer runs on the sender,
+Extra types (RRefs) plug in with `Serializer.register`: their reducer runs on the sender,
 their rebuilder on the receiver with a per-message context object.
 
 Speed matters here (a small call must cost a few microseconds), so reducers sit in the C
@@ -133,10 +133,10 @@ class _Sending:
 
 @dataclasses.dataclass(slots=True)
 class Received:
-    """A message's tensors, built before its pickle is loaded (see :meth:`Serializer.unpack`).
+    """A message's tensors, built before its pickle is loaded (see `Serializer.unpack`).
 
     The agent's gate may replace entries of ``tensors`` (same shape and dtype) before
-    :meth:`Serializer.load` puts them where the pickle references them.
+    `Serializer.load` puts them where the pickle references them.
     """
 
     tensors: list[torch.Tensor]
@@ -167,7 +167,7 @@ _PLAIN = frozenset({type(None), bool, int, float, str, bytes})
 
 
 class Serializer:
-    """Turns objects into :class:`Pickled` and back."""
+    """Turns objects into `Pickled` and back."""
 
     def __init__(self) -> None:
         self._reducers: dict[type, tuple[str, Reducer, Undo | None]] = {}
@@ -262,7 +262,7 @@ class Serializer:
 
         Tensors view the received buffers (memory the receiver owns) or private copies of
         the storages that travelled inside the table; none has ``requires_grad`` set yet
-        (:class:`Received` says which were sent with it).
+        (`Received` says which were sent with it).
         """
         if not table:
             return Received([], [], [b.numpy() for b in buffers]) if buffers else _NOTHING

@@ -1,6 +1,6 @@
 """The backend interface: what the engine asks of a transport, and how transports are found.
 
-A transport moves :class:`Message` objects between this process and some of its peers. The
+A transport moves `Message` objects between this process and some of its peers. The
 engine (agent, RRef context, distributed autograd) sees only this module, and backends
 (``shmrpc.backends``) import only this module, so either side can change without the other.
 
@@ -9,8 +9,8 @@ engine encoded) plus a list of buffers, and the transport alone decides how each
 (copied through a ring, sent with scatter/gather I/O, or passed as a CUDA IPC handle).
 
 Receiving is pulled, not pushed, so the engine can run a request on the very thread that read
-it (no thread-pool hop): engine threads block in :meth:`Transport.wait`, and any thread may
-call :meth:`Transport.poll`, which hands complete messages to :meth:`TransportHost.deliver`
+it (no thread-pool hop): engine threads block in `Transport.wait`, and any thread may
+call `Transport.poll`, which hands complete messages to `TransportHost.deliver`
 on the calling thread.
 """
 

@@ -7,7 +7,7 @@ cleanup), and the gradients accumulated here. Ids are ``worker_id << 48`` plus a
 they are unique in the world without asking anyone.
 
 The *current* context is per thread, as in torch: ``context()`` sets it for the user's
-thread, and the agent sets it (:meth:`ContextContainer.serving`) while a request of that
+thread, and the agent sets it (`ContextContainer.serving`) while a request of that
 context runs, so nested calls carry it on.
 """
 

@@ -1,12 +1,12 @@
 """Recording the forward pass: the agent's message gate for distributed autograd.
 
-Every message passes :class:`AutogradGate` with all of its tensors (see ``agent.MessageGate``).
+Every message passes `AutogradGate` with all of its tensors (see ``agent.MessageGate``).
 
 * **Sending**, inside a context: the tensors that require grad are kept in a
-  :class:`SendRecord` under a new message id, which travels in the envelope. The destination
+  `SendRecord` under a new message id, which travels in the envelope. The destination
   becomes a *known worker* of the context (it gets the cleanup when the context ends).
 * **Receiving** a message of a context: the context is created here if it is new. Tensors sent
-  with ``requires_grad`` come out of one :class:`_RecvRpc` node, whose backward turns their
+  with ``requires_grad`` come out of one `_RecvRpc` node, whose backward turns their
   gradients into gradients of stand-in leaves; the backward pass sends those to the sender.
   Outside a context, tensors simply arrive with ``requires_grad`` set, as in torch.
 """
