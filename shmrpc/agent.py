@@ -591,7 +591,8 @@ class RpcAgent:
             e.add_note(f"shmrpc: could not serialize the request to {to.name}")
             raise
         internal = bool(flags & _INTERNAL)
-        call = _Call(next(self._ids), to.id, internal, sum(b.numel() for b in pickled.buffers))
+        size = sum(b.numel() for b in pickled.buffers) if pickled.buffers else 0
+        call = _Call(next(self._ids), to.id, internal, size)
         call.quick = quick
         if sync:
             call.latch = threading.Lock()

@@ -194,11 +194,11 @@ def _resolve_timeout(timeout: float) -> float:
     return float(timeout)
 
 
-def _to_worker_info(to: WorkerInfo | str | int) -> WorkerInfo:
+def _to_worker_info(to: WorkerInfo | str | int, agent: RpcAgent | None = None) -> WorkerInfo:
     if isinstance(to, WorkerInfo):
         return to
     if isinstance(to, (str, int)) and not isinstance(to, bool):
-        return _current_agent().get_worker_info(to)
+        return (agent or _current_agent()).get_worker_info(to)
     raise ValueError(f"Cannot get WorkerInfo from name {to}")
 
 
@@ -224,7 +224,10 @@ def _check_call(func: Any) -> None:
         raise TypeError("function should be callable.")
 
 
-@_require_initialized
+# rpc_sync and rpc_async check for the agent themselves rather than through
+# @_require_initialized: on the hot path every function call counts (docs/performance.md).
+
+
 def rpc_sync(
     to: WorkerInfo | str | int,
     func: Callable[..., Any],
@@ -233,14 +236,14 @@ def rpc_sync(
     timeout: float = UNSET_RPC_TIMEOUT,
 ) -> Any:
     """Run ``func(*args, **kwargs)`` on worker ``to`` and return its result."""
+    agent = _current_agent()
     _check_call(func)
-    dst = _to_worker_info(to)
-    return _current_agent().call_sync(
+    dst = to if type(to) is WorkerInfo else _to_worker_info(to, agent)
+    return agent.call_sync(
         dst, func, tuple(args or ()), dict(kwargs or {}), _resolve_timeout(timeout)
     )
 
 
-@_require_initialized
 def rpc_async(
     to: WorkerInfo | str | int,
     func: Callable[..., Any],
@@ -249,9 +252,10 @@ def rpc_async(
     timeout: float = UNSET_RPC_TIMEOUT,
 ) -> torch.futures.Future[Any]:
     """Start ``func(*args, **kwargs)`` on worker ``to``; the future completes with its result."""
+    agent = _current_agent()
     _check_call(func)
-    dst = _to_worker_info(to)
-    future = _current_agent().call_async(
+    dst = to if type(to) is WorkerInfo else _to_worker_info(to, agent)
+    future = agent.call_async(
         dst, func, tuple(args or ()), dict(kwargs or {}), _resolve_timeout(timeout)
     )
     pending = getattr(_thread_local, "future_list", None)

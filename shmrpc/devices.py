@@ -44,11 +44,6 @@ class Placement:
         self._name = name
         self._direction = direction
 
-    @property
-    def identity(self) -> bool:
-        """True when nothing moves: no map at all (CPU tensors stay on the CPU)."""
-        return not self._map
-
     def __call__(self, device: torch.device) -> torch.device:
         target = self._map.get(device)
         if target is not None:
@@ -77,7 +72,6 @@ class DeviceMaps:
             )
             for caller in names
         }
-        self.any = any(not p.identity for p in (*self.requests.values(), *self.responses.values()))
 
 
 # --------------------------------------------------------------------------------- exchange

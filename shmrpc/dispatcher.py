@@ -131,12 +131,19 @@ class Dispatcher:
             self._threads.append(thread)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop taking work; wait up to ``timeout`` for threads still running user code."""
+        """Stop taking work; wait up to ``timeout`` for threads still running user code.
+
+        Requests not yet started are dropped. Completions already queued (future results,
+        callbacks: work that is not a request) run here, so that no future is left pending
+        for ever; any submitted from now on run at once on the submitting thread.
+        """
         with self._cond:
             self._stopping = True
+            queued = list(self._queue)
             self._queue.clear()
             self._cond.notify_all()
             self._backlog.notify_all()
+        self._settle(queued)
         for transport in self._listeners:
             for _ in range(self._listeners[transport]):
                 transport.interrupt()
@@ -175,10 +182,11 @@ class Dispatcher:
             batch.append((fn, args, request))
             return
         with self._cond:
-            if self._stopping:
+            if not self._stopping:
+                self._enqueue([(fn, args, request)])
+                self._cond.notify()
                 return
-            self._enqueue([(fn, args, request)])
-            self._cond.notify()
+        self._settle([(fn, args, request)])
 
     def submit_quick(self, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn(*args)``: quick engine work that never blocks (no user code).
@@ -352,6 +360,12 @@ class Dispatcher:
                 return transport
         return None
 
+    def _settle(self, items: list[Work]) -> None:
+        """Stopping: run the completions among ``items`` on this thread, drop the requests."""
+        for work in items:
+            if not work[2]:
+                self._run_one(work)
+
     def _run_one(self, work: Work) -> None:
         fn, args, request = work
         try:
@@ -367,21 +381,28 @@ class Dispatcher:
         local = self._local
         batch: list[Work] = []
         local.batch = batch
+        spinning = False  # a spin that found work is still up: it becomes the work's hold
         try:
             while not self._stopping:
-                transport.poll()  # also right after wait(): whoever woke handles the ring
+                if not batch:
+                    transport.poll()  # also right after wait(): whoever woke handles the ring
                 if batch:
-                    if not self._run_received(transport, batch):
+                    held, spinning = spinning, False
+                    if not self._run_received(transport, batch, held):
                         return  # enough listeners without us: back to the pool
                 elif self._may_spin(transport):
-                    self._spin_on(transport, batch)
+                    spinning = self._spin_on(transport, batch)
                 else:
                     transport.wait(_WAIT_SLICE)
         except Exception:
             logger.exception("shmrpc: transport %s failed while receiving", transport.name)
             time.sleep(0.01)
         finally:
+            if spinning:
+                transport.spin_end()
             local.batch = None
+            if self._stopping:
+                self._settle(batch)  # what the last poll received
             with self._cond:
                 self._listeners[transport] -= 1
                 self._cond.notify()  # a replacement, if the transport needs one
@@ -395,9 +416,15 @@ class Dispatcher:
             and time.monotonic() - self._last_request < self._spin
         )
 
-    def _spin_on(self, transport: Transport, batch: list[Work]) -> None:
-        """Poll until work arrives, another thread gets busy, or the spin budget is spent."""
+    def _spin_on(self, transport: Transport, batch: list[Work]) -> bool:
+        """Poll until work arrives, another thread gets busy, or the spin budget is spent.
+
+        Returns whether work arrived; then the spin is still up (``spin_begin`` without its
+        ``spin_end``), for ``_run_received`` to keep as its hold: the doorbell stays quiet
+        without a moment's gap, and nothing is undone only to be done again.
+        """
         transport.spin_begin()
+        found = False
         try:
             poll = transport.poll
             polite = time.monotonic() + _POLITE_AFTER
@@ -405,20 +432,27 @@ class Dispatcher:
                 poll()
                 if time.monotonic() > polite:
                     _yield_cpu()
+            found = bool(batch)
         finally:
-            transport.spin_end()
+            if not found:
+                transport.spin_end()
+        return found
 
-    def _run_received(self, transport: Transport, batch: list[Work]) -> bool:
+    def _run_received(self, transport: Transport, batch: list[Work], spinning: bool) -> bool:
         """Run ``batch`` (and whatever else is queued) on this thread, keeping the doorbell
-        quiet meanwhile (a hold, see the module docstring).
+        quiet meanwhile (a hold, see the module docstring). ``spinning``: this thread's spin
+        is still up (``_spin_on``); the hold takes it over, or it ends here.
 
         Returns whether this thread should keep listening. Staying, the poll at the top of the
         listen loop sees what came meanwhile; leaving, it wakes a listener to look.
         """
         hold = None
         if transport.cheap_poll:
-            transport.spin_begin()
+            if not spinning:
+                transport.spin_begin()
             hold = _Hold(transport, time.monotonic())
+        elif spinning:
+            transport.spin_end()
         cond = self._cond
         with cond:
             if self._running >= self._max_running:

@@ -162,6 +162,41 @@ def test_non_graceful_shutdown(backend):
     run_world(_non_graceful, 2, (backend, new_init_method()))
 
 
+def _pending_at_shutdown(rank, backend, init_method):
+    init(rank, 2, backend, init_method)
+    if rank == 1:
+        time.sleep(3.0)  # still running worker0's call when worker0 leaves
+        rpc.shutdown(graceful=False)
+        return None
+    plain = rpc.rpc_async("worker1", sleep_then, (1, 2.0))
+    chained = rpc.rpc_async("worker1", sleep_then, (2, 2.0)).then(lambda f: f.wait())
+    time.sleep(0.2)  # both requests are on worker1 now
+    rpc.shutdown(graceful=False)
+    outcomes = []
+    for future in (plain, chained):
+        waiter = threading.Thread(target=lambda f=future: outcomes.append(_outcome(f)))
+        waiter.start()
+        waiter.join(10)
+        assert not waiter.is_alive(), "a call pending at shutdown never completed"
+    return outcomes
+
+
+def _outcome(future):
+    try:
+        future.wait()
+    except RuntimeError as e:
+        return str(e)
+    return "completed"
+
+
+def test_calls_pending_at_shutdown_fail(backend):
+    """A non-graceful shutdown fails the calls still waiting for replies, callbacks and all."""
+    outcomes = run_world(_pending_at_shutdown, 2, (backend, new_init_method()))[0]
+    assert len(outcomes) == 2
+    for outcome in outcomes:
+        assert "shut down" in outcome, outcome
+
+
 def _shutdown_timeout(rank, backend, init_method):
     init(rank, 2, backend, init_method)
     if rank == 1:
