@@ -2,18 +2,24 @@
 
 Synchronous waits enforce their own timeouts; futures returned by ``rpc_async`` need someone
 to fail them when their time is up. One thread and one heap serve every call: scheduling costs
-a heap push, and cancelled entries are dropped lazily.
+a heap push. Cancelled entries are dropped when they reach the top of the heap, and calls
+mostly end in the order they began, so the heap holds about as many entries as there are
+calls in flight. The thread is woken only by a deadline earlier than the one it sleeps until.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import threading
 import time
 from collections.abc import Callable
 
 __all__ = ["Deadlines"]
+
+#: The smallest heap that is swept of cancelled entries below its top.
+_COMPACT_AT = 4096
 
 
 class _Entry:
@@ -36,6 +42,11 @@ class Deadlines:
         self._order = itertools.count()
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
+        #: The time the timer thread sleeps until (inf: until notified; -inf: it is awake and
+        #: looks at the heap before it sleeps again). Only an earlier deadline wakes it.
+        self._sleeping_until = -math.inf
+        #: The heap's size that triggers a sweep (amortized: twice the live entries after one).
+        self._compact_at = _COMPACT_AT
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -45,12 +56,20 @@ class Deadlines:
             if self._closed:
                 raise RuntimeError("deadline timer is closed")
             heap = self._heap
+            # Calls mostly end in the order they began, so the entries of finished ones
+            # gather at the top: dropping them here keeps the heap as small as the number
+            # of calls in flight. (Left in, thousands of dead entries made the garbage
+            # collector run full collections: several µs per call.)
+            while heap and heap[0][2].cancelled:
+                heapq.heappop(heap)
             heapq.heappush(heap, (when, next(self._order), entry))
-            if heap[0][2] is entry:
+            if when < self._sleeping_until:
+                self._sleeping_until = -math.inf
                 self._cond.notify()
-            if len(heap) > 4096 and len(heap) > 2 * sum(not e.cancelled for _, _, e in heap):
+            if len(heap) > self._compact_at:  # dead entries below the top: sweep them out
                 self._heap = [item for item in heap if not item[2].cancelled]
                 heapq.heapify(self._heap)
+                self._compact_at = max(_COMPACT_AT, 2 * len(self._heap))
         return entry
 
     def close(self) -> None:
@@ -68,13 +87,19 @@ class Deadlines:
                     while heap and heap[0][2].cancelled:
                         heapq.heappop(heap)
                     if not heap:
-                        self._cond.wait()
+                        self._sleep(math.inf)
                         continue
                     delay = heap[0][0] - time.monotonic()
                     if delay <= 0:
                         entry = heapq.heappop(heap)[2]
                         break
-                    self._cond.wait(delay)
+                    self._sleep(heap[0][0], delay)
                 else:
                     return
             entry.callback()
+
+    def _sleep(self, until: float, delay: float | None = None) -> None:
+        """Wait (holding the condition) until ``delay`` passes or an earlier deadline comes."""
+        self._sleeping_until = until
+        self._cond.wait(delay)
+        self._sleeping_until = -math.inf
