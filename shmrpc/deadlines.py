@@ -55,13 +55,12 @@ class Deadlines:
         with self._cond:
             if self._closed:
                 raise RuntimeError("deadline timer is closed")
-            heap = self._heap
             # Calls mostly end in the order they began, so the entries of finished ones
             # gather at the top: dropping them here keeps the heap as small as the number
             # of calls in flight. (Left in, thousands of dead entries made the garbage
             # collector run full collections: several µs per call.)
-            while heap and heap[0][2].cancelled:
-                heapq.heappop(heap)
+            self._drop_cancelled_top()
+            heap = self._heap
             heapq.heappush(heap, (when, next(self._order), entry))
             if when < self._sleeping_until:
                 self._sleeping_until = -math.inf
@@ -83,9 +82,8 @@ class Deadlines:
         while True:
             with self._cond:
                 while not self._closed:
+                    self._drop_cancelled_top()
                     heap = self._heap
-                    while heap and heap[0][2].cancelled:
-                        heapq.heappop(heap)
                     if not heap:
                         self._sleep(math.inf)
                         continue
@@ -97,6 +95,12 @@ class Deadlines:
                 else:
                     return
             entry.callback()
+
+    def _drop_cancelled_top(self) -> None:
+        """Pop cancelled entries off the top of the heap (the caller holds the condition)."""
+        heap = self._heap
+        while heap and heap[0][2].cancelled:
+            heapq.heappop(heap)
 
     def _sleep(self, until: float, delay: float | None = None) -> None:
         """Wait (holding the condition) until ``delay`` passes or an earlier deadline comes."""
