@@ -326,7 +326,9 @@ def test_crashed_worker_ends_the_run(backend, tmp_path, body, exitcode, marker):
     the other worker and exits non-zero naming the failed rank, and /dev/shm is left clean."""
     before = set(shmrpc_names_in_dev_shm())
     start = time.monotonic()
-    (launch,) = torchrun(tmp_path, body, backend)
+    # torchrun looks at its workers every 0.1 s by default and ends the run as soon as it
+    # sees one dead: rank 0 would race it to print its marker. Every 2 s gives rank 0 the time.
+    (launch,) = torchrun(tmp_path, body, backend, args=("--monitor-interval", "2"))
     elapsed = time.monotonic() - start
     assert launch.returncode != 0, launch.output
     assert elapsed < 120, f"torchrun took {elapsed:.0f} s to end the run"  # rank 0 sleeps 600 s
