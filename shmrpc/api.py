@@ -238,7 +238,7 @@ def rpc_sync(
     """Run ``func(*args, **kwargs)`` on worker ``to`` and return its result."""
     agent = _current_agent()
     _check_call(func)
-    dst = to if type(to) is WorkerInfo else _to_worker_info(to, agent)
+    dst = _to_worker_info(to, agent)
     return agent.call_sync(
         dst, func, tuple(args or ()), dict(kwargs or {}), _resolve_timeout(timeout)
     )
@@ -254,7 +254,7 @@ def rpc_async(
     """Start ``func(*args, **kwargs)`` on worker ``to``; the future completes with its result."""
     agent = _current_agent()
     _check_call(func)
-    dst = to if type(to) is WorkerInfo else _to_worker_info(to, agent)
+    dst = _to_worker_info(to, agent)
     future = agent.call_async(
         dst, func, tuple(args or ()), dict(kwargs or {}), _resolve_timeout(timeout)
     )

@@ -447,12 +447,10 @@ class Dispatcher:
         listen loop sees what came meanwhile; leaving, it wakes a listener to look.
         """
         hold = None
-        if transport.cheap_poll:
+        if transport.cheap_poll:  # (only cheap transports spin: ``_may_spin``)
             if not spinning:
                 transport.spin_begin()
             hold = _Hold(transport, time.monotonic())
-        elif spinning:
-            transport.spin_end()
         cond = self._cond
         with cond:
             if self._running >= self._max_running:
